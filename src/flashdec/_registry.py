@@ -1,0 +1,150 @@
+"""Backends: the small base class every backend implements, and the registry that picks one.
+
+Adding a backend is one ``register_backend`` call; no frontend code changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Protocol
+
+from . import _env
+from ._contract import DecodeProblem
+from ._errors import BackendUnavailableError, UnsupportedError
+from ._views import TensorMut, TensorRef
+
+__all__ = ["Backend", "Runner", "register_backend", "get_backend", "backend_names",
+           "available_backends", "select_backend"]
+
+
+class Runner(Protocol):
+    """A problem prepared by a backend: call it with views of that problem's layout."""
+
+    workspace_bytes: int
+
+    def __call__(self, q: TensorRef, k: TensorRef, v: TensorRef, out: TensorMut,
+                 stream: int | None) -> None: ...
+
+
+class Backend:
+    """Base class of a backend. The frontend validates; a backend never re-checks shapes."""
+
+    name: str = ""
+    device_kinds: tuple[str, ...] = ()  # the Device.kind values it computes on
+
+    def is_available(self) -> tuple[bool, str]:
+        """(True, "") or (False, why not)."""
+        return True, ""
+
+    def supports(self, problem: DecodeProblem) -> str | None:
+        """None if it can run ``problem``, else the reason it cannot."""
+        if problem.device.kind not in self.device_kinds:
+            return (f"the {self.name} backend runs on {'/'.join(self.device_kinds)} tensors, "
+                    f"these are on {problem.device}")
+        return None
+
+    def prepare(self, problem: DecodeProblem, **options: Any) -> Runner:
+        """Do once what every call of this problem shares (kernel, split layout, workspace)."""
+        raise NotImplementedError
+
+    def allocate_output(self, problem: DecodeProblem, like: Any) -> Any:
+        """A new Y for ``out=None`` when the inputs are neither torch nor NumPy."""
+        raise UnsupportedError(f"out=None with {type(like).__name__} inputs: the {self.name} "
+                               f"backend cannot allocate an output for them; pass out=")
+
+
+# name -> factory, in auto-preference order (first match wins).
+_factories: dict[str, Callable[[], Backend]] = {}
+_instances: dict[str, Backend | BaseException] = {}
+_lock = threading.Lock()
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Register ``factory`` (called lazily, once) under ``name``. Earlier names win in auto."""
+    with _lock:
+        _factories[name.lower()] = factory
+        _instances.pop(name.lower(), None)
+
+
+def backend_names() -> list[str]:
+    return list(_factories)
+
+
+def _check_name(name: str) -> str:
+    key = name.strip().lower()
+    if key != "auto" and key not in _factories:
+        raise ValueError(f"unknown flashdec backend {name!r}; valid choices: "
+                         f"{', '.join(['auto', *_factories])}")
+    return key
+
+
+def get_backend(name: str) -> Backend:
+    """The backend instance for ``name``; raises BackendUnavailableError if it cannot load."""
+    key = _check_name(name)
+    if key == "auto":
+        raise ValueError("get_backend needs a concrete backend name, not 'auto'")
+    with _lock:
+        if key not in _instances:
+            try:
+                _instances[key] = _factories[key]()
+            except Exception as exc:  # import errors of optional dependencies end up here
+                _instances[key] = exc
+        found = _instances[key]
+    if isinstance(found, BaseException):
+        raise BackendUnavailableError(f"the {key} backend failed to load: {found}") from found
+    ok, why = found.is_available()
+    if not ok:
+        raise BackendUnavailableError(f"the {key} backend is unavailable: {why}")
+    return found
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """Each registered backend's name -> (available, reason it is not)."""
+    result = {}
+    for name in _factories:
+        try:
+            get_backend(name)
+            result[name] = (True, "")
+        except BackendUnavailableError as exc:
+            result[name] = (False, str(exc))
+    return result
+
+
+def select_backend(choice: str | None, problem: DecodeProblem) -> Backend:
+    """The backend for ``problem``: ``choice`` if given, else ``FLASHDEC_BACKEND``, else auto.
+
+    An explicit choice never falls back; auto takes the first registered backend that loads
+    and supports the problem.
+    """
+    key = _check_name(choice if choice is not None else _env.backend_choice())
+    if key != "auto":
+        backend = get_backend(key)
+        why = backend.supports(problem)
+        if why is not None:
+            raise UnsupportedError(f"{why}{_who_can(problem, exclude=key)}")
+        return backend
+    reasons = []
+    for name in _factories:
+        try:
+            backend = get_backend(name)
+        except BackendUnavailableError as exc:
+            reasons.append(str(exc))
+            continue
+        why = backend.supports(problem)
+        if why is None:
+            return backend
+        reasons.append(why)
+    raise BackendUnavailableError("no flashdec backend can run this problem: " + "; ".join(reasons))
+
+
+def _who_can(problem: DecodeProblem, exclude: str) -> str:
+    able = []
+    for name in _factories:
+        if name == exclude:
+            continue
+        try:
+            if get_backend(name).supports(problem) is None:
+                able.append(name)
+        except BackendUnavailableError:
+            pass
+    return f" (backend={able[0]!r} can run it)" if able else ""
