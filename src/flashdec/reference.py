@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["decode_reference"]
+__all__ = ["decode_reference", "TOLERANCE", "relative_error"]
 
 
 def decode_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray,
@@ -27,3 +27,20 @@ def decode_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     weights = np.exp(scores)
     weights /= weights.sum(axis=-1, keepdims=True)
     return np.einsum("bhgk,bhkd->bhgd", weights, v).reshape(q.shape)
+
+
+# Allowed max |Y - reference| relative to max |reference|: two units in the last place of the
+# output dtype (DESIGN.md section 4). Keyed by dtype name; the one definition tests and the
+# benchmark use.
+TOLERANCE = {"bfloat16": 2 * 2.0**-8, "float16": 2 * 2.0**-11, "float32": 1e-5}
+
+
+def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
+    """max |out - ref| / max |ref| (or max |out - ref| when ref is all zeros); NaN-aware."""
+    out = np.asarray(out, dtype=np.float64)
+    diff = np.abs(out - ref)
+    if np.isnan(diff).any():
+        return float("nan")
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    worst = float(diff.max()) if diff.size else 0.0
+    return worst / scale if scale > 0 else worst
