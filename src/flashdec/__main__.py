@@ -1,4 +1,4 @@
-"""``python -m flashdec``: ``info`` (versions, backends, devices, cache) and ``demo``."""
+"""``python -m flashdec``: ``info`` (versions, backends, devices, cache), ``demo``, ``bench``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--backend", default=None, help="auto, torch or cuda (default: FLASHDEC_BACKEND)")
     demo.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
     demo.add_argument("--iters", type=int, default=20)
+    sub.add_parser("bench", help="flashdec vs torch SDPA on the GPU (see --help)", add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return {"info": cmd_info, "demo": cmd_demo}[args.command](args)

@@ -77,6 +77,12 @@ class DecodePlan:
         return out
 
 
+def _row_major_layout(problem: DecodeProblem) -> Layout:
+    shape = (problem.batch, problem.num_heads, problem.head_dim)
+    strides = (problem.num_heads * problem.head_dim, problem.head_dim, 1)
+    return Layout((shape, strides, problem.dtype, problem.device))
+
+
 def plan(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
          backend: str | None = None, **options: Any) -> DecodePlan:
     """Validate once, choose the backend, prepare kernels and workspace; see :func:`decode`.
@@ -87,15 +93,9 @@ def plan(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
     (qv, kv, vv), ov = _views(q, k, v, out, None)
     problem = validate(qv, kv, vv, ov, scale)
     chosen = select_backend(backend, problem)
-    runner = chosen.prepare(problem, **options)
-    if ov is None:
-        shape = (problem.batch, problem.num_heads, problem.head_dim)
-        strides = (problem.num_heads * problem.head_dim, problem.head_dim, 1)
-        out_layout = Layout((shape, strides, problem.dtype, problem.device))
-    else:
-        out_layout = Layout.of(ov)
+    out_layout = _row_major_layout(problem) if ov is None else Layout.of(ov)
     layouts = (Layout.of(qv), Layout.of(kv), Layout.of(vv), out_layout)
-    return DecodePlan(problem, chosen, runner, layouts)
+    return DecodePlan(problem, chosen, chosen.prepare(problem, layouts, **options), layouts)
 
 
 def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
@@ -131,9 +131,9 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
     (qv, kv, vv), ov = _views(q, k, v, out, handle)
     problem = validate(qv, kv, vv, ov, scale)
     chosen = select_backend(backend, problem)
-    runner = chosen.prepare(problem, **options)
     if out is None:
         out = _allocate(chosen, problem, q)
         ov = TensorMut.from_object(out, name="out", stream=dlpack_stream(handle))
-    runner(qv, kv, vv, ov, handle)
+    layouts = (Layout.of(qv), Layout.of(kv), Layout.of(vv), Layout.of(ov))
+    chosen.prepare(problem, layouts, **options)(qv, kv, vv, ov, handle)
     return out

@@ -9,7 +9,7 @@ import threading
 from typing import Any, Callable, Protocol
 
 from . import _env
-from ._contract import DecodeProblem
+from ._contract import DecodeProblem, Layout
 from ._errors import BackendUnavailableError, UnsupportedError
 from ._views import TensorMut, TensorRef
 
@@ -43,8 +43,11 @@ class Backend:
                     f"these are on {problem.device}")
         return None
 
-    def prepare(self, problem: DecodeProblem, **options: Any) -> Runner:
-        """Do once what every call of this problem shares (kernel, split layout, workspace)."""
+    def prepare(self, problem: DecodeProblem, layouts: tuple[Layout, ...], **options: Any) -> Runner:
+        """Do once what every call of this problem shares (kernel, split layout, workspace).
+
+        ``layouts`` are the (shape, strides, dtype, device) of q, k, v and out.
+        """
         raise NotImplementedError
 
     def allocate_output(self, problem: DecodeProblem, like: Any) -> Any:

@@ -79,5 +79,6 @@ class TorchBackend(Backend):
             why = "torch was built without CUDA or sees no GPU"
         return why
 
-    def prepare(self, problem: DecodeProblem, **options: Any) -> _Runner:
+    def prepare(self, problem: DecodeProblem, layouts: tuple = (), **options: Any) -> _Runner:
+        """Options other backends take (``num_splits``) change nothing here."""
         return _Runner(self._torch, problem)

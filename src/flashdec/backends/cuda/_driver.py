@@ -1,0 +1,196 @@
+"""The CUDA driver calls the backend needs, through ``cuda.bindings.driver``.
+
+Kernels launch with ``cuLaunchKernel`` and one by-value parameter struct whose address is
+packed once per plan: cuda.core's generic ``launch`` costs ~4.5 us of host time per call,
+too much for a kernel that runs in ~6 us. Modules are loaded per device in that device's
+primary context (the one torch, CuPy and JAX use).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..._errors import BackendUnavailableError, CudaError
+
+__all__ = ["driver", "check", "init", "DeviceInfo", "device_info", "Function", "load_function",
+           "launch", "DeviceAllocation", "memset32_async", "ContextGuard"]
+
+try:
+    from cuda.bindings import driver
+except ImportError as exc:  # the cuda extra is not installed
+    driver = None
+    _IMPORT_ERROR: Exception | None = exc
+else:
+    _IMPORT_ERROR = None
+
+
+def _name(result: Any) -> str:
+    err, name = driver.cuGetErrorName(result)
+    return name.decode() if err == driver.CUresult.CUDA_SUCCESS and name else str(result)
+
+
+def check(result: Any, what: str) -> None:
+    """Raise CudaError naming the call and the CUresult unless ``result`` is success."""
+    if result != driver.CUresult.CUDA_SUCCESS:
+        name = _name(result)
+        raise CudaError(f"{what} failed: {name}", name)
+
+
+_init_lock = threading.Lock()
+_init_state: list[Any] = []  # [None] once initialised, [exception] on failure
+
+
+def init() -> None:
+    """cuInit once per process; BackendUnavailableError says why the driver cannot start."""
+    with _init_lock:
+        if not _init_state:
+            try:
+                if driver is None:
+                    raise BackendUnavailableError(
+                        f"cuda-python is not installed ({_IMPORT_ERROR}); pip install "
+                        f"'flashdec[cuda]'")
+                try:
+                    (result,) = driver.cuInit(0)
+                except Exception as exc:  # no libcuda.so: no driver on this machine
+                    raise BackendUnavailableError(f"no CUDA driver could be loaded ({exc})") from exc
+                if result != driver.CUresult.CUDA_SUCCESS:
+                    raise BackendUnavailableError(f"cuInit failed with {_name(result)} (no GPU "
+                                                  f"or no usable driver)")
+                err, count = driver.cuDeviceGetCount()
+                check(err, "cuDeviceGetCount")
+                if count == 0:
+                    raise BackendUnavailableError("the CUDA driver sees no GPU")
+                _init_state.append(None)
+            except Exception as exc:
+                _init_state.append(exc)
+        if _init_state[0] is not None:
+            raise _init_state[0]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int
+    name: str
+    arch: str            # "sm_90"
+    num_sms: int
+    context: Any         # the primary context
+
+
+_devices: dict[int, DeviceInfo] = {}
+_devices_lock = threading.Lock()
+
+
+def device_info(index: int) -> DeviceInfo:
+    """Properties and primary context of device ``index`` (retained once, kept)."""
+    found = _devices.get(index)
+    if found is not None:
+        return found
+    init()
+    with _devices_lock:
+        if index not in _devices:
+            err, dev = driver.cuDeviceGet(index)
+            check(err, f"cuDeviceGet({index})")
+            attr = driver.CUdevice_attribute
+            values = []
+            for a in (attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                      attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                      attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT):
+                err, value = driver.cuDeviceGetAttribute(a, dev)
+                check(err, "cuDeviceGetAttribute")
+                values.append(value)
+            err, raw_name = driver.cuDeviceGetName(256, dev)
+            check(err, "cuDeviceGetName")
+            err, ctx = driver.cuDevicePrimaryCtxRetain(dev)
+            check(err, f"cuDevicePrimaryCtxRetain({index})")
+            _devices[index] = DeviceInfo(index, raw_name.split(b"\0")[0].decode(),
+                                         f"sm_{values[0]}{values[1]}", values[2], ctx)
+        return _devices[index]
+
+
+class ContextGuard:
+    """Make a device's primary context current for a block, restoring the caller's after."""
+
+    __slots__ = ("ctx", "pushed")
+
+    def __init__(self, device: DeviceInfo) -> None:
+        self.ctx = device.context
+        self.pushed = False
+
+    def __enter__(self) -> "ContextGuard":
+        err, current = driver.cuCtxGetCurrent()
+        check(err, "cuCtxGetCurrent")
+        if int(current) != int(self.ctx):
+            check(driver.cuCtxPushCurrent(self.ctx)[0], "cuCtxPushCurrent")
+            self.pushed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pushed:
+            check(driver.cuCtxPopCurrent()[0], "cuCtxPopCurrent")
+
+
+@dataclass(frozen=True)
+class Function:
+    handle: Any          # CUfunction in the device's primary context
+    name: str            # the name expression, for error messages
+    module: Any          # keeps the CUmodule referenced
+
+
+def load_function(device: DeviceInfo, cubin: bytes, lowered_name: str, name: str) -> Function:
+    with ContextGuard(device):
+        err, module = driver.cuModuleLoadData(cubin)
+        check(err, f"cuModuleLoadData({name}) on device {device.index}")
+        err, func = driver.cuModuleGetFunction(module, lowered_name.encode())
+        check(err, f"cuModuleGetFunction({name})")
+    return Function(func, name, module)
+
+
+def launch(device: DeviceInfo, func: Function, grid: tuple[int, int, int], block: int,
+           stream: int, params_address: int) -> None:
+    """Launch ``func`` with one by-value struct argument whose address array is at
+    ``params_address`` (a ``void*[1]``), on ``stream`` of ``device``."""
+    with ContextGuard(device):
+        (result,) = driver.cuLaunchKernel(func.handle, grid[0], grid[1], grid[2], block, 1, 1, 0,
+                                          driver.CUstream(stream), params_address, 0)
+    if result != driver.CUresult.CUDA_SUCCESS:
+        name = _name(result)
+        raise CudaError(f"cuLaunchKernel({func.name}) grid {grid} on device {device.index} "
+                        f"failed: {name}", name)
+
+
+class DeviceAllocation:
+    """Device memory from cuMemAlloc in the device's primary context, freed on collection."""
+
+    def __init__(self, device: DeviceInfo, nbytes: int) -> None:
+        self.device = device
+        self.nbytes = nbytes
+        self.ptr = 0
+        if nbytes:
+            with ContextGuard(device):
+                err, ptr = driver.cuMemAlloc(nbytes)
+                check(err, f"cuMemAlloc({nbytes}) on device {device.index}")
+            self.ptr = int(ptr)
+
+    def __del__(self) -> None:
+        if self.ptr and driver is not None:
+            try:
+                with ContextGuard(self.device):
+                    driver.cuMemFree(self.ptr)
+            except Exception:  # interpreter shutdown: the driver may be gone already
+                pass
+            self.ptr = 0
+
+
+def memset32_async(device: DeviceInfo, ptr: int, value: int, count: int, stream: int) -> None:
+    if count:
+        with ContextGuard(device):
+            check(driver.cuMemsetD32Async(ptr, value, count, driver.CUstream(stream))[0],
+                  "cuMemsetD32Async")
+
+
+def params_pointer_array(struct: ctypes.Structure) -> ctypes.Array:
+    """A ``void*[1]`` holding the struct's address: cuLaunchKernel's kernelParams."""
+    return (ctypes.c_void_p * 1)(ctypes.addressof(struct))

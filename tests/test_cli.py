@@ -1,0 +1,131 @@
+"""``python -m flashdec info`` and ``python -m flashdec demo`` on a CPU machine."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import flashdec
+from flashdec.__main__ import main
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+ERR_RE = re.compile(r"max \|error\| vs float64 reference: (\S+) \(max \|ref\| (\S+)\)")
+
+
+def _run_module(*args: str, env_extra: dict[str, str] | None = None,
+                drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "flashdec", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("FLASHDEC_BACKEND", raising=False)
+    monkeypatch.setenv("FLASHDEC_CACHE_DIR", str(tmp_path / "fd-cache"))
+    return monkeypatch
+
+
+# -- info -----------------------------------------------------------------------------------------
+def test_info(clean_env, capsys, tmp_path) -> None:
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"flashdec {flashdec.__version__}" in text
+    lines = text.splitlines()
+    for name, (ok, _why) in flashdec.available_backends().items():
+        row = [line for line in lines if re.match(rf"\s+{name}\s", line)]
+        assert len(row) == 1, f"backend {name} not listed once:\n{text}"
+        assert ("unavailable" not in row[0]) == ok
+        assert "available" in row[0]
+    assert re.search(r"^\s+torch\s+available\s*$", text, re.M)
+    assert re.search(r"^\s+cuda\s+(available|unavailable: .+)$", text, re.M)
+    assert f"kernel cache: {tmp_path / 'fd-cache'}" in text
+    assert "backend choice: auto" in text
+    assert "devices: cpu" in text
+
+
+def test_info_shows_env_choice(clean_env, capsys) -> None:
+    clean_env.setenv("FLASHDEC_BACKEND", "Torch")
+    assert main(["info"]) == 0
+    assert "backend choice: torch" in capsys.readouterr().out
+
+
+def test_info_as_module(tmp_path) -> None:
+    cache = tmp_path / "module-cache"
+    proc = _run_module("info", env_extra={"FLASHDEC_CACHE_DIR": str(cache)},
+                       drop=("FLASHDEC_BACKEND",))
+    assert proc.returncode == 0, proc.stderr
+    assert f"flashdec {flashdec.__version__}" in proc.stdout
+    assert re.search(r"^\s+torch\s+available", proc.stdout, re.M)
+    assert re.search(r"^\s+cuda\s+", proc.stdout, re.M)
+    assert f"kernel cache: {cache}" in proc.stdout
+
+
+# -- demo -----------------------------------------------------------------------------------------
+def _parse_demo(text: str) -> tuple[str, float, float]:
+    backend = re.search(r"^backend: (\S+)$", text, re.M)
+    err = ERR_RE.search(text)
+    assert backend and err, f"unexpected demo output:\n{text}"
+    return backend.group(1), float(err.group(1)), float(err.group(2))
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 2.0**-8), ("float32", 1e-5)])
+def test_demo_cpu(clean_env, capsys, dtype, tol) -> None:
+    args = ["demo", "--iters", "1"] + ([] if dtype == "bfloat16" else ["--dtype", dtype])
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    backend, err, ref_max = _parse_demo(text)
+    import torch
+    if torch.cuda.is_available():  # the demo runs on the GPU when there is one
+        assert f"{dtype} on cuda" in text and backend in ("cuda", "torch")
+    else:
+        assert backend == "torch"
+        assert f"{dtype} on cpu" in text
+    assert ref_max > 0
+    assert 0 <= err < tol * ref_max, f"error {err} vs max|ref| {ref_max}"
+
+
+def test_demo_explicit_torch_backend(clean_env, capsys) -> None:
+    clean_env.setenv("FLASHDEC_BACKEND", "nope")  # --backend wins over the environment
+    assert main(["demo", "--iters", "1", "--backend", "torch"]) == 0
+    backend, err, ref_max = _parse_demo(capsys.readouterr().out)
+    assert backend == "torch" and err < 2.0**-8 * ref_max
+
+
+def test_demo_bad_backend_env_as_module(tmp_path) -> None:
+    proc = _run_module("demo", "--iters", "1",
+                       env_extra={"FLASHDEC_BACKEND": "nope",
+                                  "FLASHDEC_CACHE_DIR": str(tmp_path / "c")})
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "nope" in proc.stderr
+    assert re.search(r"valid choices: auto, cuda, torch", proc.stderr), proc.stderr
+
+
+def test_demo_bad_backend_argument(clean_env, capsys) -> None:
+    assert main(["demo", "--iters", "1", "--backend", "nope"]) != 0
+    err = capsys.readouterr().err
+    assert "valid choices: auto, cuda, torch" in err
+
+
+def test_demo_explicit_cuda_on_cpu_machine_fails_cleanly(clean_env, capsys) -> None:
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: cuda may run")
+    assert main(["demo", "--iters", "1", "--backend", "cuda"]) != 0
+    captured = capsys.readouterr()
+    assert "error:" in captured.err and "cuda" in captured.err
+    assert "backend: torch" not in captured.out  # no silent fallback
+
+
+def test_no_command_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code != 0
