@@ -11,18 +11,18 @@ step() { echo "=== $1"; }
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-python -c "import cuda.core, cuda.bindings, torch; print('cuda-core', cuda.core.__version__, 'torch', torch.__version__)" | tee -a "$OUT/device.txt"
-python -m flashdec info | tee -a "$OUT/device.txt"
+python3 -c "import cuda.core, cuda.bindings, torch; print('cuda-core', cuda.core.__version__, 'torch', torch.__version__)" | tee -a "$OUT/device.txt"
+python3 -m flashdec info | tee -a "$OUT/device.txt"
 
 step "precompile (cold cache timing)"
-python -c "import time, flashdec.backends.cuda as c; t=time.time(); n=c.precompile(); print(n, 'kernels in', round(time.time()-t,1), 's')"
+python3 -c "import time, flashdec.backends.cuda as c; t=time.time(); n=c.precompile(); print(n, 'kernels in', round(time.time()-t,1), 's')"
 
 step "tests"
-python -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
+python3 -m pytest -q --maxfail=25 -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
 
 step "compute-sanitizer memcheck"
-compute-sanitizer --tool memcheck --error-exitcode 1 python ci/sanitize_cases.py 2>&1 | tee "$OUT/memcheck.txt" | tail -8 || status=1
+compute-sanitizer --tool memcheck --error-exitcode 1 python3 ci/sanitize_cases.py 2>&1 | tee "$OUT/memcheck.txt" | tail -8 || status=1
 
 step "bench"
-python -m flashdec bench ${BENCH_ARGS:---quick} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+python3 -m flashdec bench ${BENCH_ARGS:---quick} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
 exit $status
