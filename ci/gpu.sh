@@ -15,7 +15,7 @@ python3 -c "import cuda.core, cuda.bindings, torch; print('cuda-core', cuda.core
 python3 -m flashdec info | tee -a "$OUT/device.txt"
 
 step "precompile (cold cache timing)"
-python3 -c "import time, flashdec.backends.cuda as c; t=time.time(); n=c.precompile(); print(n, 'kernels in', round(time.time()-t,1), 's')"
+python3 -c "import time, flashdec.backends.cuda as c; t=time.time(); n=c.precompile(dtypes=["bfloat16"], head_dims=[128], group_sizes=[4]); print(n, 'kernels in', round(time.time()-t,1), 's')"
 
 step "tests"
 python3 -m pytest -q --maxfail=25 -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
