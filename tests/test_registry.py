@@ -198,7 +198,7 @@ class ToyBackend(Backend):
         self.calls: list[tuple] = []
         self.options: list[dict] = []
 
-    def prepare(self, problem, **options):
+    def prepare(self, problem, layouts, **options):
         self.options.append(options)
         return _ToyRunner(self, problem)
 

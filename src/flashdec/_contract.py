@@ -98,7 +98,7 @@ def check_no_overlap(out: TensorRef, others: dict[str, TensorRef]) -> None:
         return
     for name, view in others.items():
         a, b = view.span_bytes()
-        if view.device == out.device and a < hi and lo < b:
+        if a != b and view.device == out.device and a < hi and lo < b:
             raise ContractError(f"out overlaps {name} in memory (out bytes [0x{lo:x}, 0x{hi:x}), "
                                 f"{name} bytes [0x{a:x}, 0x{b:x})); write Y to its own buffer")
 

@@ -66,10 +66,6 @@ _api = ctypes.pythonapi
 _get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
     ("PyCapsule_GetPointer", _api))
 _get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", _api))
-# In a capsule destructor the capsule is already dying: take it as a raw pointer.
-_raw_get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(("PyCapsule_GetName", _api))
-_raw_get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(
-    ("PyCapsule_GetPointer", _api))
 _CapsuleDestructor = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)
 _new_capsule = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p,
                                  _CapsuleDestructor)(("PyCapsule_New", _api))
@@ -120,26 +116,19 @@ def import_capsule(capsule: Any) -> Imported:
 
 # ---- export ---------------------------------------------------------------------------------
 # Each exported struct lives in ``_live`` (with its shape/stride arrays and the owner it keeps
-# alive) until the consumer calls the deleter, or until an unconsumed capsule is collected.
+# alive) until the consumer calls the deleter. Capsules get no destructor: a consumer that
+# rejects a capsule destroys it with its exception pending, and a ctypes callback cannot run
+# then (CPython turns the pending error into SystemError). The cost is that a capsule which is
+# made and never consumed keeps its owner alive; consumers that accept one always call the
+# deleter.
 _live: dict[int, tuple[Any, ...]] = {}
 _live_lock = threading.Lock()
 
 
-def _release(address: int) -> None:
-    with _live_lock:
-        _live.pop(address, None)
-
-
 @_Deleter
 def _deleter(address):  # called by the consumer when it is done with the tensor
-    _release(address)
-
-
-@_CapsuleDestructor
-def _capsule_destructor(capsule_address):  # an unconsumed capsule was collected
-    name = _raw_get_name(capsule_address)
-    if name in (b"dltensor_versioned", b"dltensor"):
-        _release(_raw_get_pointer(capsule_address, name))
+    with _live_lock:
+        _live.pop(address, None)
 
 
 def export_capsule(ptr: int, dtype: tuple[int, int], shape: tuple[int, ...],
@@ -162,4 +151,4 @@ def export_capsule(ptr: int, dtype: tuple[int, int], shape: tuple[int, ...],
     address = ctypes.addressof(managed)
     with _live_lock:
         _live[address] = (managed, shape_arr, strides_arr, owner)
-    return _new_capsule(address, name, _capsule_destructor)
+    return _new_capsule(address, name, _CapsuleDestructor())

@@ -49,7 +49,14 @@ class DType(enum.Enum):
 
     @classmethod
     def parse(cls, obj: object) -> "DType | str":
-        """The DType for a torch / NumPy dtype or a name, else a readable name of it."""
+        """The DType for a DType, torch / NumPy dtype, NumPy scalar type or name, else a
+        readable name of it."""
+        if isinstance(obj, DType):
+            return obj
+        if isinstance(obj, type):  # numpy.float32 and friends
+            import numpy
+
+            obj = numpy.dtype(obj)
         name = str(obj).removeprefix("torch.")
         try:
             return cls(name)

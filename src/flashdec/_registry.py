@@ -5,6 +5,7 @@ Adding a backend is one ``register_backend`` call; no frontend code changes.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Callable, Protocol
 
@@ -50,10 +51,18 @@ class Backend:
         """
         raise NotImplementedError
 
-    def allocate_output(self, problem: DecodeProblem, like: Any) -> Any:
-        """A new Y for ``out=None`` when the inputs are neither torch nor NumPy."""
-        raise UnsupportedError(f"out=None with {type(like).__name__} inputs: the {self.name} "
-                               f"backend cannot allocate an output for them; pass out=")
+    def allocate_output(self, problem: DecodeProblem, like: Any) -> TensorMut:
+        """Y for ``out=None`` when the inputs are neither torch nor NumPy: a flashdec-owned
+        buffer that exports ``__dlpack__``. This default serves CPU problems."""
+        if problem.device.kind != "cpu":
+            raise UnsupportedError(f"out=None with {type(like).__name__} inputs on "
+                                   f"{problem.device}: the {self.name} backend cannot allocate "
+                                   f"there; pass out=")
+        import numpy
+
+        shape = (problem.batch, problem.num_heads, problem.head_dim)
+        buf = numpy.empty(max(1, math.prod(shape)) * problem.dtype.itemsize, dtype=numpy.uint8)
+        return TensorMut.from_pointer(buf.ctypes.data, problem.dtype, shape, owner=buf)
 
 
 # name -> factory, in auto-preference order (first match wins).

@@ -11,6 +11,7 @@ from typing import Any
 
 from .._contract import DecodeProblem
 from .._registry import Backend
+from .._streams import torch_current_stream
 from .._views import TensorMut, TensorRef
 
 __all__ = ["TorchBackend"]
@@ -34,7 +35,8 @@ class _Runner:
     def __call__(self, q: TensorRef, k: TensorRef, v: TensorRef, out: TensorMut,
                  stream: int | None) -> None:
         torch = self.torch
-        if self.problem.device.kind == "cuda" and stream is not None:
+        if self.problem.device.kind == "cuda" and stream is not None and stream != \
+                torch_current_stream(self.problem.device.index):
             device = torch.device("cuda", self.problem.device.index)
             with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
                 self._compute(q, k, v, out)
@@ -79,6 +81,19 @@ class TorchBackend(Backend):
             why = "torch was built without CUDA or sees no GPU"
         return why
 
-    def prepare(self, problem: DecodeProblem, layouts: tuple = (), **options: Any) -> _Runner:
-        """Options other backends take (``num_splits``) change nothing here."""
+    def prepare(self, problem: DecodeProblem, layouts: tuple = (), *,
+                num_splits: int | None = None, **options: Any) -> _Runner:
+        """``num_splits`` (a cuda backend option) changes nothing here."""
+        if options:
+            raise TypeError(f"unknown torch backend options: {', '.join(options)}")
         return _Runner(self._torch, problem)
+
+    def allocate_output(self, problem: DecodeProblem, like: Any) -> TensorMut:
+        if problem.device.kind == "cpu":
+            return super().allocate_output(problem, like)
+        torch = self._torch
+        shape = (problem.batch, problem.num_heads, problem.head_dim)
+        buf = torch.empty(shape, dtype=getattr(torch, problem.dtype.torch_name),
+                          device=str(problem.device))
+        return TensorMut.from_pointer(buf.data_ptr(), problem.dtype, shape,
+                                      device=problem.device, owner=buf)

@@ -22,6 +22,7 @@ MAX_HEAD_DIM = 256
 MAX_GROUP_TILE = 8     # query heads one CTA serves; larger groups take several tiles
 VECTOR_BYTES = 16
 CTAS_PER_SM = 4        # resident 128-thread CTAs per SM a split layout aims to fill
+MIN_SPLIT_ROWS = 128   # below this a split's fixed costs (Q load, merge) outweigh its rows
 
 
 def source() -> str:
@@ -108,7 +109,7 @@ def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
     if num_splits is None:
         base = problem.batch * problem.num_kv_heads * tiles
         wanted = max(1, math.ceil(num_sms * CTAS_PER_SM / max(base, 1)))
-        min_rows = 2 * spec.rows_per_tile
+        min_rows = max(2 * spec.rows_per_tile, MIN_SPLIT_ROWS)
         wanted = min(wanted, MAX_SPLITS, max(1, kv_len // min_rows))
         rows = math.ceil(kv_len / wanted)
         rows = math.ceil(rows / spec.rows_per_tile) * spec.rows_per_tile

@@ -103,7 +103,7 @@ __device__ __forceinline__ float rescale(float m, float target) {
 }
 
 template <typename T, int VEC, int TPR, int NCH, int GT, int ROWS>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
     constexpr int NG = kThreads / TPR;        // thread groups per CTA
     constexpr int DP = VEC * TPR * NCH;       // head_dim padded to what a group covers
     static_assert(kThreads % TPR == 0 && TPR <= 32, "a thread group lives inside one warp");
@@ -262,16 +262,27 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant_
     if (!sm_last) return;
     __threadfence();
 
+    // Every thread loads some splits' (max, sum) at once (one L2 latency, not num_splits),
+    // then one thread per head reduces them from shared memory in split order.
     const float* all_o = p.partial_o + slot * p.num_splits * GT * D;
     const float* all_ml = p.partial_ml + slot * p.num_splits * GT * 2;
+    // The group states in sm_o are merged by now: reuse that space for the split maxima.
+    static_assert(NG * DP >= kMaxSplits, "sm_o holds kMaxSplits x GT floats");
+    float (*sm_split_m)[GT] = reinterpret_cast<float (*)[GT]>(&sm_o[0][0][0]);
+    for (int idx = threadIdx.x; idx < p.num_splits * GT; idx += kThreads) {
+        const int s = idx / GT, j = idx % GT;
+        sm_split_m[s][j] = __ldcg(all_ml + idx * 2);
+        sm_w[s][j] = __ldcg(all_ml + idx * 2 + 1);  // the split's sum, until weighted below
+    }
+    __syncthreads();
     for (int j = threadIdx.x; j < GT; j += kThreads) {
         float mx = FLASHDEC_NEG_INF;
-        for (int s = 0; s < p.num_splits; ++s) mx = nan_max(mx, __ldcg(all_ml + (s * GT + j) * 2));
+        for (int s = 0; s < p.num_splits; ++s) mx = nan_max(mx, sm_split_m[s][j]);
         float sum = 0.f;
         for (int s = 0; s < p.num_splits; ++s) {
-            const float w = rescale(__ldcg(all_ml + (s * GT + j) * 2), mx);
+            const float w = rescale(sm_split_m[s][j], mx);
+            sum = fmaf(w, sm_w[s][j], sum);
             sm_w[s][j] = w;
-            sum = fmaf(w, __ldcg(all_ml + (s * GT + j) * 2 + 1), sum);
         }
         sm_sum[j] = sum;
     }
@@ -279,6 +290,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant_
     for (int idx = threadIdx.x; idx < heads_here * D; idx += kThreads) {
         const int j = idx / D, e = idx % D;
         float acc = 0.f;
+#pragma unroll 8
         for (int s = 0; s < p.num_splits; ++s)
             acc = fmaf(sm_w[s][j], __ldcg(all_o + (s * GT + j) * D + e), acc);
         const float sum = sm_sum[j];

@@ -1,0 +1,130 @@
+"""GPU-only behaviour of the cuda backend: frameworks, streams, graphs, devices, splits."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import flashdec
+from flashdec_testing import assert_close, make_qkv, poisoned_like, to64
+
+_why = ("no CUDA GPU on this machine" if not torch.cuda.is_available()
+        else flashdec.available_backends()["cuda"][1] or None)
+pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
+
+
+def test_numpy_input_rejected_with_clear_error():
+    q, k, v = (to64(t).astype(np.float32) for t in make_qkv(1, 4, 2, 8, 16, "float32", "cpu"))
+    with pytest.raises(flashdec.UnsupportedError, match="cuda backend runs on cuda"):
+        flashdec.decode(q, k, v, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_num_splits_overrides_agree(dtype):
+    q, k, v = make_qkv(2, 32, 8, 5000, 128, dtype, "cuda", seed=1)
+    outs = []
+    for splits in (1, 2, 13, 128):
+        outs.append(flashdec.decode(q, k, v, poisoned_like(q), backend="cuda", num_splits=splits))
+        assert_close(outs[-1], q, k, v)
+    again = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda", num_splits=13)
+    assert torch.equal(again.view(torch.int16 if dtype != "float32" else torch.int32),
+                       outs[2].view(torch.int16 if dtype != "float32" else torch.int32))
+
+
+@pytest.mark.parametrize("bad", [0, 129, 2.0, True, "4"])
+def test_bad_num_splits(bad):
+    q, k, v = make_qkv(1, 8, 2, 64, 64, "bfloat16", "cuda")
+    with pytest.raises((flashdec.ContractError, TypeError), match="num_splits"):
+        flashdec.decode(q, k, v, backend="cuda", num_splits=bad)
+
+
+def test_torch_side_stream_and_explicit_streams():
+    q, k, v = make_qkv(2, 16, 4, 3000, 128, "bfloat16", "cuda", seed=2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda")
+    side.synchronize()
+    assert_close(out, q, k, v)
+    for stream in (side, side.cuda_stream):  # object with __cuda_stream__, and an int handle
+        out = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda", stream=stream)
+        side.synchronize()
+        assert_close(out, q, k, v)
+
+
+def test_cuda_graph_capture_replays_with_new_data():
+    q, k, v = make_qkv(2, 32, 8, 4096, 128, "bfloat16", "cuda", seed=3)
+    out = poisoned_like(q)
+    p = flashdec.plan(q, k, v, out, backend="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        p.run(q, k, v, out)  # first run outside capture: kernel load, workspace zeroing
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        p.run(q, k, v, out)
+    for seed in (4, 5, 6):
+        q2, k2, v2 = make_qkv(2, 32, 8, 4096, 128, "bfloat16", "cuda", seed=seed)
+        q.copy_(q2), k.copy_(k2), v.copy_(v2)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, q2, k2, v2)
+
+
+def test_misaligned_pointer_under_an_aligned_plan_takes_the_safe_path():
+    d, n = 128, 2 * 2 * 700 * 128
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    buf_k = torch.randn(n + 8, device="cuda", dtype=torch.bfloat16, generator=gen)
+    buf_v = torch.randn(n + 8, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(2, 8, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    shape = (2, 2, 700, d)
+    p = flashdec.plan(q, buf_k[:n].view(shape), buf_v[:n].view(shape), backend="cuda")
+    k, v = buf_k[1:n + 1].view(shape), buf_v[3:n + 3].view(shape)
+    assert k.data_ptr() % 16
+    out = p.run(q, k, v, poisoned_like(q))
+    assert_close(out, q, k, v)
+
+
+def test_cupy_inputs():
+    cupy = pytest.importorskip("cupy")
+    q, k, v = make_qkv(2, 16, 4, 999, 64, "float16", "cuda", seed=8)
+    cq, ck, cv = (cupy.from_dlpack(t) for t in (q, k, v))
+    torch.cuda.synchronize()
+    y = flashdec.decode(cq, ck, cv, backend="cuda")
+    cupy.cuda.runtime.deviceSynchronize()
+    assert_close(torch.from_dlpack(y), q, k, v)
+    out = cupy.full(cq.shape, cupy.nan, dtype=cq.dtype)
+    flashdec.decode(cq, ck, cv, out)
+    cupy.cuda.runtime.deviceSynchronize()
+    assert_close(torch.from_dlpack(out), q, k, v)
+
+
+def test_jax_inputs_give_a_dlpack_output():
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX sees no GPU")
+    q, k, v = make_qkv(1, 8, 2, 777, 128, "bfloat16", "cpu", seed=9)
+    jq, jk, jv = (jnp.asarray(to64(t).astype(np.float32)).astype(jnp.bfloat16) for t in (q, k, v))
+    jq.block_until_ready()
+    y = flashdec.decode(jq, jk, jv)
+    torch.cuda.synchronize()
+    jy = jnp.from_dlpack(y)
+    result = np.asarray(jy.astype(jnp.float32))
+    ref_inputs = [np.asarray(x.astype(jnp.float32)) for x in (jq, jk, jv)]
+    assert_close(torch.from_numpy(result).to(torch.bfloat16), *[torch.from_numpy(x) for x in ref_inputs],
+                 dtype="bfloat16")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_second_device():
+    q, k, v = make_qkv(2, 16, 4, 2000, 128, "bfloat16", "cuda:1", seed=10)
+    out = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda")
+    torch.cuda.synchronize(1)
+    assert_close(out, q, k, v)

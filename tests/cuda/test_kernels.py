@@ -1,0 +1,77 @@
+"""CUDA kernels without a GPU: every shipped specialization compiles (sm_80, sm_90) with no
+spills on the fast paths, the ctypes params struct matches decode.cu, split layouts are sound."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+pytest.importorskip("cuda.core", reason="cuda-python is not installed (pip install 'flashdec[cuda]')")
+
+from flashdec._contract import DecodeProblem  # noqa: E402
+from flashdec._dtypes import DType  # noqa: E402
+from flashdec._views import Device  # noqa: E402
+from flashdec.backends.cuda import DecodeParams, precompile  # noqa: E402
+from flashdec.backends.cuda._compiler import clear_memory_cache, compile_cubin  # noqa: E402
+from flashdec.backends.cuda._kernels import (MAX_SPLITS, choose_kernel, shipped_kernels,  # noqa: E402
+                                             source, split_layout, workspace_layout)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHDEC_CACHE_DIR", str(tmp_path))
+    clear_memory_cache()
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_every_shipped_kernel_compiles_without_fast_path_spills(arch, dtype):
+    specs = [s for s in shipped_kernels() if s.dtype.value == dtype]
+    module = compile_cubin(source(), [s.name_expression for s in specs], arch,
+                           source_name="decode.cu")
+    resources = module.resources()
+    assert set(resources) == {s.name_expression for s in specs}
+    spilling = [f"{s.name_expression}: {resources[s.name_expression]}" for s in specs
+                if s.fast and (resources[s.name_expression].spill_stores
+                               or resources[s.name_expression].spill_loads)]
+    assert not spilling, "fast-path kernels spill:\n" + "\n".join(spilling)
+
+
+def test_params_struct_matches_decode_cu():
+    """decode.cu's DecodeParams has the ctypes mirror's size and field offsets."""
+    checks = [f"static_assert(sizeof(flashdec::DecodeParams) == {ctypes.sizeof(DecodeParams)}, \"size\");"]
+    for name, _ in DecodeParams._fields_:
+        offset = getattr(DecodeParams, name).offset
+        checks.append(f"static_assert(offsetof(flashdec::DecodeParams, {name}) == {offset}, \"{name}\");")
+    text = source() + "\n#include <cstddef>\n" + "\n".join(checks) + "\n"
+    compile_cubin(text, [], "sm_90", source_name="layout_check.cu", use_cache=False)
+
+
+def test_precompile_with_explicit_arch_needs_no_gpu(tmp_path):
+    n = precompile(dtypes=["bfloat16"], head_dims=[128, 80], group_sizes=[4], arch="sm_90")
+    assert n == 3  # fast + slow path for D=128, slow path only for D=80
+    assert len(list((tmp_path / "kernels").glob("*.cubin"))) == 3
+
+
+def _problem(batch, hq, hkv, kv_len, d, dtype=DType.bfloat16):
+    return DecodeProblem(batch, hq, hkv, kv_len, d, dtype, 1.0, Device("cuda", 0))
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 8, 4096, 128), (1, 32, 8, 131072, 128),
+                                   (64, 32, 8, 2048, 128), (3, 7, 1, 257, 80), (2, 8, 2, 0, 64),
+                                   (1, 64, 1, 5, 256), (256, 32, 8, 512, 128)])
+@pytest.mark.parametrize("num_splits", [None, 1, 2, 7, MAX_SPLITS])
+def test_split_layout_covers_kv_with_no_empty_split(shape, num_splits):
+    problem = _problem(*shape)
+    spec = choose_kernel(problem, fast=shape[4] % 8 == 0)
+    split = split_layout(problem, spec, num_sms=132, num_splits=num_splits)
+    assert 1 <= split.num_splits <= MAX_SPLITS
+    if num_splits is not None:
+        assert split.num_splits <= num_splits
+    kv_len = problem.kv_len
+    if kv_len:
+        assert split.num_splits * split.split_rows >= kv_len, "rows left uncovered"
+        assert (split.num_splits - 1) * split.split_rows < kv_len, "an empty split"
+    sizes = workspace_layout(problem, spec, split)
+    assert (sum(sizes) == 0) == (split.num_splits == 1)
