@@ -15,10 +15,11 @@ python3 -c "import cuda.core, cuda.bindings, torch; print('cuda-core', cuda.core
 python3 -m flashdec info | tee -a "$OUT/device.txt"
 
 step "precompile (cold cache timing)"
-python3 -c "import time, flashdec.backends.cuda as c; t=time.time(); n=c.precompile(dtypes=["bfloat16"], head_dims=[128], group_sizes=[4]); print(n, 'kernels in', round(time.time()-t,1), 's')"
+python3 -c "import time, flashdec.backends.cuda as c; t=time.time(); n=c.precompile(dtypes=['bfloat16'], head_dims=[128], group_sizes=[4]); print(n, 'kernels in', round(time.time()-t,1), 's')"
 
 step "tests"
-python3 -m pytest -q --maxfail=25 -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
+# CI compiles every specialization (tests/cuda/test_kernels.py); here the GPU-facing tests run.
+python3 -m pytest -q --maxfail=25 -p no:cacheprovider ${PYTEST_ARGS:--k 'not every_shipped'} 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
 
 step "compute-sanitizer memcheck"
 compute-sanitizer --tool memcheck --error-exitcode 1 python3 ci/sanitize_cases.py 2>&1 | tee "$OUT/memcheck.txt" | tail -8 || status=1

@@ -63,7 +63,7 @@ def _make(dtype: DType, vec: int, head_dim: int, group_tile: int) -> KernelSpec:
     chunks = math.ceil(head_dim / vec)
     tpr = min(32, _pow2_at_least(chunks))
     nch = math.ceil(chunks / tpr)
-    rows = 2 if group_tile * nch * vec >= 32 else 4  # keeps registers under ~200, no spills
+    rows = 2 if group_tile * nch * vec >= 64 else 4  # keeps registers <= 255 with no spills
     return KernelSpec(dtype, vec, tpr, nch, group_tile, rows)
 
 
