@@ -19,7 +19,7 @@ python3 -c "import time, flashdec.backends.cuda as c; t=time.time(); n=c.precomp
 
 step "tests"
 # CI compiles every specialization (tests/cuda/test_kernels.py); here the GPU-facing tests run.
-python3 -m pytest -q --maxfail=25 -p no:cacheprovider ${PYTEST_ARGS:--k 'not every_shipped'} 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
+python3 -m pytest -q --maxfail=25 -p no:cacheprovider -k "${PYTEST_K:-not every_shipped}" 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
 
 step "compute-sanitizer memcheck"
 compute-sanitizer --tool memcheck --error-exitcode 1 python3 ci/sanitize_cases.py 2>&1 | tee "$OUT/memcheck.txt" | tail -8 || status=1
