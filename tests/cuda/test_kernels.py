@@ -43,12 +43,15 @@ def test_params_struct_matches_decode_cu():
     checks = [f"static_assert(sizeof(flashdec::DecodeParams) == {ctypes.sizeof(DecodeParams)}, \"size\");"]
     for name, _ in DecodeParams._fields_:
         offset = getattr(DecodeParams, name).offset
-        checks.append(f"static_assert(offsetof(flashdec::DecodeParams, {name}) == {offset}, \"{name}\");")
-    text = source() + "\n#include <cstddef>\n" + "\n".join(checks) + "\n"
+        checks.append(f"static_assert(__builtin_offsetof(flashdec::DecodeParams, {name}) == {offset}, \"{name}\");")
+    text = source() + "\n" + "\n".join(checks) + "\n"
     compile_cubin(text, [], "sm_90", source_name="layout_check.cu", use_cache=False)
 
 
-def test_precompile_with_explicit_arch_needs_no_gpu(tmp_path):
+def test_precompile_with_explicit_arch_needs_no_gpu(tmp_path, monkeypatch):
+    import flashdec.backends.cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_compiled", {})  # kernels earlier tests compiled
     n = precompile(dtypes=["bfloat16"], head_dims=[128, 80], group_sizes=[4], arch="sm_90")
     assert n == 3  # fast + slow path for D=128, slow path only for D=80
     assert len(list((tmp_path / "kernels").glob("*.cubin"))) == 3

@@ -102,8 +102,14 @@ __device__ __forceinline__ float rescale(float m, float target) {
     return m == FLASHDEC_NEG_INF ? 0.f : exp2f(m - target);
 }
 
+// Resident CTAs per SM the register allocation must allow: 3 (<= 168 registers) unless the
+// per-thread Q and output state is large (a full group tile of wide chunks) or the kernel is
+// the element-wise path, then 2.
+template <int GT, int VEC, int NCH>
+__host__ __device__ constexpr int min_ctas_per_sm() { return (VEC == 1 || GT * VEC * NCH >= 64) ? 2 : 3; }
+
 template <typename T, int VEC, int TPR, int NCH, int GT, int ROWS>
-__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<GT, VEC, NCH>()) decode_kernel(const __grid_constant__ DecodeParams p) {
     constexpr int NG = kThreads / TPR;        // thread groups per CTA
     constexpr int DP = VEC * TPR * NCH;       // head_dim padded to what a group covers
     static_assert(kThreads % TPR == 0 && TPR <= 32, "a thread group lives inside one warp");
