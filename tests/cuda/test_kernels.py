@@ -13,7 +13,8 @@ from flashdec._contract import DecodeProblem  # noqa: E402
 from flashdec._dtypes import DType  # noqa: E402
 from flashdec._views import Device  # noqa: E402
 from flashdec.backends.cuda import DecodeParams, precompile  # noqa: E402
-from flashdec.backends.cuda._compiler import clear_memory_cache, compile_cubin  # noqa: E402
+from flashdec._errors import CompilationError  # noqa: E402
+from flashdec.backends.cuda._compiler import clear_memory_cache, compile_cubin, nvrtc_version  # noqa: E402
 from flashdec.backends.cuda._kernels import (MAX_SPLITS, choose_kernel, shipped_kernels,  # noqa: E402
                                              source, split_layout, workspace_layout)
 
@@ -45,7 +46,12 @@ def test_params_struct_matches_decode_cu():
         offset = getattr(DecodeParams, name).offset
         checks.append(f"static_assert(__builtin_offsetof(flashdec::DecodeParams, {name}) == {offset}, \"{name}\");")
     text = source() + "\n" + "\n".join(checks) + "\n"
-    compile_cubin(text, [], "sm_90", source_name="layout_check.cu", use_cache=False)
+    try:
+        compile_cubin(text, [], "sm_90", source_name="layout_check.cu", use_cache=False)
+    except CompilationError as exc:
+        if '"__builtin_offsetof" is undefined' in exc.log:  # NVRTC 13.0 has no offsetof
+            pytest.skip(f"NVRTC {nvrtc_version()} lacks __builtin_offsetof; CI's NVRTC checks this")
+        raise
 
 
 def test_precompile_with_explicit_arch_needs_no_gpu(tmp_path, monkeypatch):
