@@ -125,10 +125,15 @@ _live: dict[int, tuple[Any, ...]] = {}
 _live_lock = threading.Lock()
 
 
-@_Deleter
-def _deleter(address):  # called by the consumer when it is done with the tensor
+def _release(address: int) -> None:  # called by the consumer when it is done with the tensor
     with _live_lock:
         _live.pop(address, None)
+
+
+# Consumers may call the deleter while the interpreter shuts down, after this module's globals
+# are gone: the C thunk is pinned with an extra reference so its code pointer stays valid.
+_deleter = _Deleter(_release)
+_api.Py_IncRef(ctypes.py_object(_deleter))
 
 
 def export_capsule(ptr: int, dtype: tuple[int, int], shape: tuple[int, ...],
