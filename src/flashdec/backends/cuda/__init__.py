@@ -12,13 +12,13 @@ from typing import Any, Sequence
 
 from ..._contract import DecodeProblem, Layout
 from ..._dtypes import DType
-from ..._errors import ContractError, UnsupportedError
+from ..._errors import ContractError
 from ..._registry import Backend
 from ..._views import TensorMut, TensorRef
 from . import _driver
 from ._kernels import (MAX_HEAD_DIM, MAX_SPLITS, THREADS, VECTOR_BYTES, KernelSpec,
-                       SplitLayout, choose_kernel, group_tile_for, shipped_kernels, source,
-                       split_layout, workspace_layout, _make)
+                       choose_kernel, group_tile_for, kernels_for, source, split_layout,
+                       workspace_layout)
 
 __all__ = ["CudaBackend", "precompile"]
 
@@ -207,15 +207,11 @@ def precompile(dtypes: Sequence[str | DType] = ("float16", "bfloat16", "float32"
     specs = set()
     for dtype in dtypes:
         dt = dtype if isinstance(dtype, DType) else DType(str(dtype).removeprefix("torch."))
-        vec = VECTOR_BYTES // dt.itemsize
         for d in head_dims:
             if not 1 <= d <= MAX_HEAD_DIM:
                 raise ContractError(f"head_dims: {d} is outside 1..{MAX_HEAD_DIM}")
             for g in group_sizes:
-                gt = group_tile_for(g)
-                specs.add(_make(dt, 1, d, gt))
-                if d % vec == 0:
-                    specs.add(_make(dt, vec, d, gt))
+                specs |= kernels_for(dt, d, group_tile_for(g))
     for spec in specs:
         _compile(spec, arch)
     return len(specs)

@@ -14,7 +14,7 @@ from ..._contract import DecodeProblem
 from ..._dtypes import DType
 
 __all__ = ["KernelSpec", "SplitLayout", "THREADS", "MAX_SPLITS", "MAX_HEAD_DIM", "source",
-           "choose_kernel", "shipped_kernels", "split_layout", "workspace_layout"]
+           "choose_kernel", "kernels_for", "shipped_kernels", "split_layout", "workspace_layout"]
 
 THREADS = 128          # kThreads in decode.cu
 MAX_SPLITS = 128       # kMaxSplits in decode.cu
@@ -76,16 +76,22 @@ def choose_kernel(problem: DecodeProblem, fast: bool) -> KernelSpec:
     return _make(problem.dtype, vec, problem.head_dim, group_tile_for(problem.group_size))
 
 
+def kernels_for(dtype: DType, head_dim: int, group_tile: int) -> set[KernelSpec]:
+    """The element-wise kernel for this problem shape, plus the 16-byte one when D allows it."""
+    vec = VECTOR_BYTES // dtype.itemsize
+    specs = {_make(dtype, 1, head_dim, group_tile)}
+    if head_dim % vec == 0:
+        specs.add(_make(dtype, vec, head_dim, group_tile))
+    return specs
+
+
 def shipped_kernels() -> list[KernelSpec]:
     """Every specialization a problem can select: per dtype, head_dim bucket and group tile."""
     specs = set()
     for dtype in (DType.float16, DType.bfloat16, DType.float32):
-        vec = VECTOR_BYTES // dtype.itemsize
         for gt in (1, 2, 4, 8):
             for d in range(1, MAX_HEAD_DIM + 1):
-                specs.add(_make(dtype, 1, d, gt))
-                if d % vec == 0:
-                    specs.add(_make(dtype, vec, d, gt))
+                specs |= kernels_for(dtype, d, gt)
     return sorted(specs, key=lambda s: (s.dtype.value, s.vec, s.tpr, s.nch, s.group_tile))
 
 
