@@ -1,16 +1,53 @@
 """Cases for compute-sanitizer memcheck: strided, ragged-length, small-D, misaligned and
-multi-split problems on the cuda backend, each checked against the reference."""
+multi-split problems on the cuda backend, and the serving features (device seqlens that stop
+reads inside a sequence, windows, softcap, fp8 KV, LSE, merge), each checked against the
+reference. K/V allocations that end exactly at seqlens prove no row past a sequence's end
+is read."""
 
 from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, "tests")
-from flashdec_testing import assert_close, make_qkv, poisoned_like, randn  # noqa: E402
+from flashdec_testing import assert_close, make_qkv, poisoned_like, randn, to64  # noqa: E402
 
 import flashdec  # noqa: E402
+from flashdec import DType, TensorRef  # noqa: E402
+from flashdec.reference import TOLERANCE, decode_reference, relative_error  # noqa: E402
+
+
+def _exact_allocation_cases(cases: int) -> int:
+    """K and V hold exactly seqlens rows (their own cudaMalloc: run with
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1) but are seen through a view of a larger capacity, so
+    memcheck reports any read of a row at or past the sequence's end."""
+    gen = torch.Generator().manual_seed(1)
+    hkv, cap = 2, 1024
+    for dtype, kv_dtype in (("bfloat16", "bfloat16"), ("float16", "float8_e5m2"),
+                            ("float32", "float32")):
+        for d in (64, 128, 80):
+            for n in (1, 37, 1000):
+                kv_t = getattr(torch, kv_dtype)
+                # NHD rows [n, hkv, d], viewed as [1, hkv, cap, d]
+                k = randn((n, hkv, d), dtype, "cuda", gen).to(kv_t)
+                v = randn((n, hkv, d), dtype, "cuda", gen).to(kv_t)
+                views = [TensorRef.from_pointer(t.data_ptr(), DType(kv_dtype), (1, hkv, cap, d),
+                                                (0, d, hkv * d, 1), "cuda:0", owner=t)
+                         for t in (k, v)]
+                q = randn((1, 8, d), dtype, "cuda", gen)
+                seqlens = torch.tensor([n], dtype=torch.int32, device="cuda")
+                scales = {} if kv_dtype == dtype else {"k_scale": 0.7, "v_scale": 1.3}
+                k_live, v_live = (t.permute(1, 0, 2).unsqueeze(0) for t in (k, v))
+                for splits in (None, 1, 5):
+                    out = flashdec.decode(q, *views, poisoned_like(q), seqlens=seqlens,
+                                          backend="cuda", num_splits=splits, **scales)
+                    ref = decode_reference(to64(q), to64(k_live), to64(v_live), **scales)
+                    err = relative_error(to64(out), ref)
+                    assert err <= TOLERANCE[dtype], (dtype, kv_dtype, d, n, splits, err)
+                    cases += 1
+    return cases
 
 
 def main() -> int:
@@ -18,7 +55,8 @@ def main() -> int:
     cases = 0
     for dtype in ("bfloat16", "float16", "float32"):
         for (b, hq, hkv, klen, d) in [(1, 8, 2, 1, 1), (2, 7, 1, 37, 3), (3, 16, 2, 1000, 80),
-                                      (1, 32, 8, 4099, 128), (2, 4, 4, 513, 256), (1, 8, 1, 0, 64)]:
+                                      (1, 32, 8, 4099, 128), (2, 4, 4, 513, 256), (1, 8, 1, 0, 64),
+                                      (2, 40, 2, 777, 64)]:
             q, k, v = make_qkv(b, hq, hkv, klen, d, dtype, "cuda", seed=cases)
             for splits in (None, 1, 3):
                 out = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda", num_splits=splits)
@@ -38,6 +76,25 @@ def main() -> int:
             out = flashdec.decode(qq, k, v, poisoned_like(qq), backend="cuda")
             assert_close(out, qq, k, v)
             cases += 1
+    # features together: window, softcap, per-head fp8 scales, LSE
+    for kv_dtype in ("bfloat16", "float8_e4m3fn"):
+        q, k, v = make_qkv(3, 16, 4, 3000, 128, "bfloat16", "cuda", seed=99, scale=3.0)
+        k, v = k.to(getattr(torch, kv_dtype)), v.to(getattr(torch, kv_dtype))
+        ks, vs = torch.rand(4, device="cuda") + 0.5, torch.rand(4, device="cuda") + 0.5
+        seqlens = torch.tensor([3000, 2, 1500], dtype=torch.int32, device="cuda")
+        out, lse = flashdec.decode(q, k, v, poisoned_like(q), seqlens=seqlens, window_left=700,
+                                   softcap=30.0, k_scale=ks, v_scale=vs, return_lse=True,
+                                   backend="cuda")
+        ref, _ = decode_reference(to64(q), to64(k), to64(v), seqlens=np.array([3000, 2, 1500]),
+                                  window_left=700, softcap=30.0, k_scale=ks.cpu().numpy(),
+                                  v_scale=vs.cpu().numpy(), return_lse=True)
+        assert relative_error(to64(out), ref) <= TOLERANCE["bfloat16"]
+        parts = [flashdec.decode(q, k[:, :, a:b], v[:, :, a:b], poisoned_like(q), return_lse=True,
+                                 k_scale=ks, v_scale=vs, backend="cuda")
+                 for a, b in ((0, 1000), (1000, 1000), (1000, 3000))]
+        flashdec.merge_states([o for o, _ in parts], [s for _, s in parts], backend="cuda")
+        cases += 2
+    cases = _exact_allocation_cases(cases)
     torch.cuda.synchronize()
     print(f"{cases} sanitizer cases passed")
     return 0

@@ -1,10 +1,12 @@
-"""Every way to break the decode contract, as one table.
+"""Every way to break the decode and merge contracts, as tables.
 
-Each case builds (q, k, v, out, scale) from random normal data with exactly one thing wrong and
-checks that ``flashdec.decode`` (and ``flashdec.plan`` where the argument exists there) raises
-the documented error type with a message that names the offending argument. Further tests check
-that a failed validation does no work, that valid corner cases (B = 0, K_len = 0) are not
-errors, and that ``DecodePlan.run`` rejects tensors of another layout and an aliased output.
+Each case builds the arguments (q, k, v, out, scale and the serving features) from random normal
+data with exactly one thing wrong and checks that ``flashdec.decode`` (and ``flashdec.plan``
+where the argument exists there) raises the documented error type with a message that names the
+offending argument; ``merge_states`` has its own table. Further tests check that a failed
+validation does no work, that valid corner cases (B = 0, K_len = 0) are not errors, and that
+``DecodePlan.run`` rejects tensors of another layout, a per-run tensor the plan does not have
+(or lacks one it has), and an aliased output.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 import flashdec
 from flashdec import BackendUnavailableError, ContractError, TensorMut, TensorRef, UnsupportedError
-from flashdec.reference import TOLERANCE, decode_reference, relative_error
+from flashdec.reference import (LSE_TOLERANCE, TOLERANCE, decode_reference, lse_error,
+                                merge_reference, relative_error)
 
 B, HQ, HKV, KLEN, D = 2, 4, 2, 6, 8
 Q_SHAPE = (B, HQ, D)
@@ -147,6 +150,36 @@ def _readonly_producer_out(m: Maker) -> dict[str, Any]:
     return _np_base(m, out=_ReadOnlyProducer(out))
 
 
+def _fp8(m: Maker, kv: torch.dtype = torch.float8_e4m3fn, q: torch.dtype = torch.bfloat16,
+         v: torch.dtype | None = None, **over: Any) -> dict[str, Any]:
+    """Arguments with fp8 K/V (and ``over`` on top): valid with ``k_scale`` and ``v_scale``."""
+    args = dict(q=m.t(*Q_SHAPE, dtype=q), k=m.t(*KV_SHAPE, dtype=kv),
+                v=m.t(*KV_SHAPE, dtype=v or kv), out=m.t(*Q_SHAPE, dtype=q))
+    args.update(over)
+    return args
+
+
+def _fake_cuda(dtype: str, *shape: int) -> TensorRef:
+    return TensorRef.from_pointer(FAKE_CUDA_PTR, dtype, shape, device="cuda:0")
+
+
+def _lse_inside(m: Maker, name: str) -> dict[str, Any]:
+    """lse_out as the first B * H_q elements of ``name``'s memory."""
+    src = m.t(*(Q_SHAPE if name == "out" else KV_SHAPE))
+    return {name: src, "lse_out": src.view(-1)[: B * HQ].view(B, HQ)}
+
+
+def _out_overlaps_seqlens(m: Maker) -> dict[str, Any]:
+    out = m.t(*Q_SHAPE)
+    return dict(out=out, seqlens=TensorRef.from_pointer(out.data_ptr(), "int32", (B,), owner=out))
+
+
+def _readonly_np_lse(m: Maker) -> dict[str, Any]:
+    lse = m.n(B, HQ)
+    lse.flags.writeable = False
+    return _np_base(m, lse_out=lse)
+
+
 def _readonly_view_out(m: Maker) -> dict[str, Any]:
     out = m.t(*Q_SHAPE)
     return dict(out=TensorRef.from_pointer(out.data_ptr(), "float32", Q_SHAPE, readonly=True,
@@ -261,6 +294,117 @@ CASES = [
          extra=dict(stream=True)),
     Case("stream-str", lambda m: {}, (TypeError, ValueError), r"\bstream must be", plan=False,
          extra=dict(stream="default")),
+    # -- seqlens ----------------------------------------------------------------------------
+    Case("seqlens-int64", lambda m: dict(seqlens=torch.tensor([1, 2])), C,
+         r"\bseqlens has dtype int64; expected int32"),
+    Case("seqlens-float32", lambda m: dict(seqlens=m.t(B)), C,
+         r"\bseqlens has dtype float32; expected int32"),
+    Case("seqlens-numpy-int64", lambda m: dict(seqlens=np.array([1, 2])), C,
+         r"\bseqlens has dtype int64; expected int32"),
+    Case("seqlens-too-long", lambda m: dict(seqlens=torch.tensor([1, 2, 3], dtype=torch.int32)),
+         C, r"\bseqlens must have shape \(2,\) \[batch\], got \(3,\)"),
+    Case("seqlens-rank-2", lambda m: dict(seqlens=torch.tensor([[1], [2]], dtype=torch.int32)),
+         C, r"\bseqlens must have shape \(2,\) \[batch\], got \(2, 1\)"),
+    Case("seqlens-host-too-short", lambda m: dict(seqlens=[1]), C,
+         r"\bseqlens must have shape \(2,\) \[batch\], got \(1,\)"),
+    Case("seqlens-on-cuda", lambda m: dict(seqlens=_fake_cuda("int32", B)), C,
+         r"\bseqlens is on cuda:0; seqlens must be on k's device \(cpu\) or on the CPU"),
+    Case("seqlens-host-above-capacity", lambda m: dict(seqlens=[1, KLEN + 1]), C,
+         r"\bseqlens\[1\] is 7; every length must be in \[0, 6\]"),
+    Case("seqlens-host-negative", lambda m: dict(seqlens=(-1, 2)), C,
+         r"\bseqlens\[0\] is -1; every length must be in \[0, 6\]"),
+    Case("seqlens-cpu-tensor-above-capacity",
+         lambda m: dict(seqlens=torch.tensor([KLEN, KLEN + 5], dtype=torch.int32)), C,
+         r"\bseqlens\[1\] is 11; every length must be in \[0, 6\]"),
+    Case("seqlens-numpy-negative", lambda m: dict(seqlens=np.array([3, -4], dtype=np.int32)), C,
+         r"\bseqlens\[1\] is -4"),
+    Case("seqlens-host-floats", lambda m: dict(seqlens=[1.5, 2.0]), C,
+         r"\bseqlens must be an int32 tensor \[batch\] or a flat sequence of ints.*float64"),
+    Case("seqlens-host-bools", lambda m: dict(seqlens=[True, False]), C,
+         r"\bseqlens must be an int32 tensor \[batch\] or a flat sequence of ints.*bool"),
+    Case("seqlens-host-nested", lambda m: dict(seqlens=[[1], [2]]), C,
+         r"\bseqlens must be an int32 tensor \[batch\] or a flat sequence of ints"),
+    Case("seqlens-int", lambda m: dict(seqlens=3), C,
+         r"\bseqlens must be an int32 tensor \[batch\] or a flat sequence of ints.*int"),
+    Case("seqlens-host-beyond-int32", lambda m: dict(seqlens=[2**40, 1]), C,
+         r"\bseqlens values must fit int32"),
+    # -- window_left ------------------------------------------------------------------------
+    Case("window-negative", lambda m: dict(window_left=-1), C,
+         r"\bwindow_left must be >= 0.*got -1"),
+    Case("window-bool", lambda m: dict(window_left=True), C,
+         r"\bwindow_left must be an int >= 0 or None, got bool True"),
+    Case("window-float", lambda m: dict(window_left=2.0), C,
+         r"\bwindow_left must be an int >= 0 or None, got float 2.0"),
+    Case("window-str", lambda m: dict(window_left="4"), C,
+         r"\bwindow_left must be an int >= 0 or None, got str"),
+    # -- softcap ----------------------------------------------------------------------------
+    Case("softcap-zero", lambda m: dict(softcap=0.0), C, r"\bsoftcap must be > 0, got 0.0"),
+    Case("softcap-negative", lambda m: dict(softcap=-30), C, r"\bsoftcap must be > 0, got -30.0"),
+    Case("softcap-inf", lambda m: dict(softcap=float("inf")), C,
+         r"\bsoftcap must be finite, got inf"),
+    Case("softcap-nan", lambda m: dict(softcap=np.float32("nan")), C,
+         r"\bsoftcap must be finite, got nan"),
+    Case("softcap-bool", lambda m: dict(softcap=True), C,
+         r"\bsoftcap must be a finite real number > 0 or None, got bool True"),
+    Case("softcap-str", lambda m: dict(softcap="30"), C,
+         r"\bsoftcap must be a finite real number > 0 or None, got str"),
+    # -- fp8 K/V and scales -----------------------------------------------------------------
+    Case("fp8-without-scales", _fp8, C,
+         r"\bk_scale is required with fp8 k and v \(float8_e4m3fn\)"),
+    Case("fp8-without-k-scale", lambda m: _fp8(m, v_scale=1.0), C,
+         r"\bk_scale is required with fp8 k and v"),
+    Case("fp8-without-v-scale", lambda m: _fp8(m, torch.float8_e5m2, k_scale=0.5), C,
+         r"\bv_scale is required with fp8 k and v \(float8_e5m2\)"),
+    Case("q-fp8", lambda m: _fp8(m, q=torch.float8_e4m3fn, k_scale=1.0, v_scale=1.0), C,
+         r"\bq has dtype float8_e4m3fn; supported dtypes: float16, bfloat16, float32 \(fp8 is "
+         r"for k and v only"),
+    Case("q-fp32-kv-fp8", lambda m: _fp8(m, q=torch.float32, k_scale=1.0, v_scale=1.0), C,
+         r"\bk has dtype float8_e4m3fn but q has float32: fp8 k and v need q and out in "
+         r"float16 or bfloat16"),
+    Case("kv-different-fp8", lambda m: _fp8(m, v=torch.float8_e5m2, k_scale=1.0, v_scale=1.0),
+         C, r"\bv has dtype float8_e5m2 but k has float8_e4m3fn: k and v must share one dtype"),
+    Case("k-fp8-v-bf16", lambda m: _fp8(m, v=torch.bfloat16, k_scale=1.0, v_scale=1.0), C,
+         r"\bv has dtype bfloat16 but k has float8_e4m3fn"),
+    Case("out-fp8", lambda m: _fp8(m, out=m.t(*Q_SHAPE, dtype=torch.float8_e4m3fn),
+                                   k_scale=1.0, v_scale=1.0), C,
+         r"\bout has dtype float8_e4m3fn but q has bfloat16"),
+    Case("k-scale-zero", lambda m: dict(k_scale=0.0), C, r"\bk_scale must be > 0, got 0.0"),
+    Case("v-scale-negative", lambda m: _fp8(m, k_scale=1.0, v_scale=-2), C,
+         r"\bv_scale must be > 0, got -2.0"),
+    Case("k-scale-nan", lambda m: dict(k_scale=float("nan")), C, r"\bk_scale must be finite"),
+    Case("k-scale-bool", lambda m: dict(k_scale=True), C,
+         r"\bk_scale must be a finite real number > 0 or a float32 tensor \[num_kv_heads\], "
+         r"got bool"),
+    Case("v-scale-str", lambda m: dict(v_scale="1"), C, r"\bv_scale must be a finite real.*str"),
+    Case("k-scale-tensor-float16", lambda m: dict(k_scale=m.t(HKV, dtype=torch.float16)), C,
+         r"\bk_scale has dtype float16; expected float32"),
+    Case("v-scale-tensor-shape", lambda m: dict(v_scale=m.t(HKV + 1)), C,
+         r"\bv_scale must have shape \(2,\) \[num_kv_heads\], got \(3,\)"),
+    Case("k-scale-0d-tensor", lambda m: dict(k_scale=m.t(1)[0]), C,
+         r"\bk_scale must have shape \(2,\) \[num_kv_heads\], got \(\)"),
+    Case("k-scale-per-q-head", lambda m: _fp8(m, k_scale=m.t(HQ), v_scale=1.0), C,
+         r"\bk_scale must have shape \(2,\) \[num_kv_heads\], got \(4,\)"),
+    Case("v-scale-on-cuda", lambda m: dict(v_scale=_fake_cuda("float32", HKV)), C,
+         r"\bv_scale is on cuda:0; a scale tensor must be on k's device \(cpu\)"),
+    # -- lse_out ----------------------------------------------------------------------------
+    Case("lse-float16", lambda m: dict(lse_out=m.t(B, HQ, dtype=torch.float16)), C,
+         r"\blse_out has dtype float16; expected float32"),
+    Case("lse-shape", lambda m: dict(lse_out=m.t(B, HQ + 1)), C,
+         r"\blse_out must have shape \(2, 4\) \[batch, num_heads\], got \(2, 5\)"),
+    Case("lse-rank-3", lambda m: dict(lse_out=m.t(B, HQ, 1)), C,
+         r"\blse_out must have shape \(2, 4\) \[batch, num_heads\], got \(2, 4, 1\)"),
+    Case("lse-numpy-read-only", _readonly_np_lse, C, r"\blse_out is read-only"),
+    Case("lse-stride-0", lambda m: dict(lse_out=m.t(1, HQ).expand(B, HQ)), C,
+         r"\blse_out has stride 0"),
+    Case("lse-on-cuda", lambda m: dict(lse_out=TensorMut.from_pointer(
+        FAKE_CUDA_PTR, "float32", (B, HQ), device="cuda:0")), C,
+         r"\blse_out is on cuda:0; it must be on q's device \(cpu\)"),
+    Case("lse-overlaps-out", lambda m: _lse_inside(m, "out"), C,
+         r"\blse_out overlaps out in memory"),
+    Case("lse-overlaps-k", lambda m: _lse_inside(m, "k"), C, r"\blse_out overlaps k in memory"),
+    Case("out-overlaps-seqlens", _out_overlaps_seqlens, C, r"\bout overlaps seqlens in memory"),
+    Case("out-overlaps-k-scale", lambda m: (lambda out: dict(out=out, k_scale=out.view(-1)[:HKV]))(
+        m.t(*Q_SHAPE)), C, r"\bout overlaps k_scale in memory"),
 ]
 
 assert len({c.id for c in CASES}) == len(CASES)
@@ -277,7 +421,8 @@ def _build(case: Case, seed: int = 0) -> dict[str, Any]:
 
 def _call(entry: str, args: dict[str, Any], extra: dict[str, Any]) -> Any:
     fn = flashdec.decode if entry == "decode" else flashdec.plan
-    return fn(args["q"], args["k"], args["v"], args["out"], scale=args["scale"], **extra)
+    keywords = {n: a for n, a in args.items() if n not in ("q", "k", "v", "out")}
+    return fn(args["q"], args["k"], args["v"], args["out"], **keywords, **extra)
 
 
 PARAMS = [pytest.param(case, entry, id=f"{entry}-{case.id}")
@@ -309,6 +454,11 @@ def test_case_table_is_valid_without_the_fault() -> None:
     y = flashdec.decode(np_args["q"], np_args["k"], np_args["v"], np_args["out"])
     ref = decode_reference(np_args["q"], np_args["k"], np_args["v"])
     assert relative_error(y, ref) < TOLERANCE["float32"]
+    fp8 = _fp8(Maker(2))
+    y = flashdec.decode(fp8["q"], fp8["k"], fp8["v"], fp8["out"], k_scale=0.5, v_scale=2.0)
+    ref = decode_reference(*(fp8[n].to(torch.float64).numpy() for n in ("q", "k", "v")),
+                           k_scale=0.5, v_scale=2.0)
+    assert relative_error(y.to(torch.float64).numpy(), ref) < TOLERANCE["bfloat16"]
 
 
 # -- a failed validation does no work -----------------------------------------------------------
@@ -319,6 +469,9 @@ NO_WORK = [
                                                         device="cuda:0")), {}),
     ("q-not-tensor", dict(q=lambda m: m.t(*Q_SHAPE).tolist()), {}),
     ("scale-nan", {}, dict(scale=float("nan"))),
+    ("softcap-zero", {}, dict(softcap=0.0)),
+    ("seqlens-host-above-capacity", {}, dict(seqlens=[0, KLEN + 1])),
+    ("lse-stride-0", dict(lse_out=lambda m: m.t(1, HQ).expand(B, HQ)), {}),
     ("backend-unknown", {}, dict(backend="nope")),
     ("backend-cuda-on-cpu", {}, dict(backend="cuda")),
 ]
@@ -330,10 +483,12 @@ def test_no_work_after_failed_validation(overrides, kwargs) -> None:
     args = m.torch_args()
     for name, make in overrides.items():
         args[name] = make(m)
-    poison = args["out"].clone()
+    poison = {n: args[n].clone() for n in ("out", "lse_out") if n in args}
     with pytest.raises((ContractError, ValueError, UnsupportedError, BackendUnavailableError)):
-        flashdec.decode(args["q"], args["k"], args["v"], args["out"], **kwargs)
-    assert torch.equal(args["out"], poison), "out was written although decode raised"
+        flashdec.decode(args["q"], args["k"], args["v"], args["out"],
+                        lse_out=args.get("lse_out"), **kwargs)
+    for name, before in poison.items():
+        assert torch.equal(args[name], before), f"{name} was written although decode raised"
 
 
 def test_no_work_after_failed_plan_run() -> None:
@@ -399,6 +554,29 @@ def test_scale_accepts_real_numbers() -> None:
         assert relative_error(y.numpy(), ref) < TOLERANCE["float32"], scale
     p = flashdec.plan(q, k, v, scale=2)  # an int is a real number
     assert p.problem.scale == 2.0
+
+
+def test_problem_records_the_features() -> None:
+    """What a backend learns from DecodeProblem: the features, the KV dtype, its bytes."""
+    m = Maker(18)
+    args = _fp8(m, k_scale=0.5, v_scale=m.t(HKV).abs() + 0.5)
+    p = flashdec.plan(args["q"], args["k"], args["v"], args["out"], k_scale=args["k_scale"],
+                      v_scale=args["v_scale"], softcap=30, window_left=np.int64(4),
+                      seqlens=[1, KLEN])
+    problem = p.problem
+    assert (problem.dtype, problem.kv_dtype) == (flashdec.DType.bfloat16,
+                                                 flashdec.DType.float8_e4m3fn)
+    assert (problem.softcap, problem.window_left, problem.seqlens) == (30.0, 4, True)
+    assert (problem.k_scale, problem.v_scale, problem.return_lse) == (0.5, None, False)
+    assert type(problem.softcap) is float and type(problem.window_left) is int
+    assert problem.kv_bytes == 2 * B * HKV * KLEN * D * 1
+    plain = flashdec.DecodeProblem(B, HQ, HKV, KLEN, D, flashdec.DType.float16, 0.5,
+                                   flashdec.Device("cpu"))
+    assert plain.kv_dtype is flashdec.DType.float16 and plain.kv_bytes == 2 * B * HKV * KLEN * D * 2
+    assert (plain.k_scale, plain.v_scale, plain.softcap, plain.window_left, plain.seqlens,
+            plain.return_lse) == (1.0, 1.0, None, None, False, False)
+    assert flashdec.plan(*(args[n] for n in ("q", "k", "v")), k_scale=1, v_scale=2.0,
+                         lse_out=m.t(B, HQ)).problem.return_lse
 
 
 # -- plan.run -----------------------------------------------------------------------------------
@@ -485,3 +663,190 @@ def test_plan_run_rejects_non_tensor(name: str) -> None:
     args[name] = [1.0, 2.0]
     with pytest.raises(ContractError, match=rf"\b{name} must be a tensor.*got list"):
         p.run(args["q"], args["k"], args["v"], args["out"])
+
+
+# -- plan.run with the per-run tensors of the serving features -----------------------------------
+def _run_tensors(m: Maker, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The per-run tensors named by a PLAN_RUN_FEATURES entry."""
+    made = {
+        "seqlens": lambda: torch.tensor([KLEN, 1], dtype=torch.int32),
+        "seqlens-strided": lambda: torch.tensor([KLEN, 0, 1, 0], dtype=torch.int32)[::2],
+        "seqlens-host": lambda: [KLEN, 1],
+        "seqlens-host-above-capacity": lambda: [1, KLEN + 3],
+        "k_scale": lambda: m.t(HKV).abs() + 0.5,
+        "v_scale": lambda: m.t(HKV).abs() + 0.5,
+        "k_scale-float": lambda: 0.5,
+        "v_scale-float": lambda: 2.0,
+        "lse_out": lambda: m.t(B, HQ),
+        "lse_out-transposed": lambda: m.t(HQ, B).T,
+        "lse_out-inside-out": lambda: args["out"].view(-1)[: B * HQ].view(B, HQ),
+    }
+    return {key.split("-")[0]: made[key]() for key in name.split("+") if key}
+
+
+# (id, what the plan is made with, what run is given, the message)
+PLAN_RUN_FEATURES = [
+    ("seqlens-missing", "seqlens", "", r"\bseqlens is missing: the plan was made with a "
+     r"per-run seqlens tensor; pass seqlens= to run"),
+    ("seqlens-host-missing", "seqlens-host", "", r"\bseqlens is missing"),
+    ("seqlens-not-planned", "", "seqlens", r"\bseqlens was not planned.*make a new plan with "
+     r"seqlens="),
+    ("seqlens-other-layout", "seqlens", "seqlens-strided", r"\bseqlens does not match the plan"),
+    ("seqlens-host-out-of-range", "seqlens-host", "seqlens-host-above-capacity",
+     r"\bseqlens\[1\] is 9; every length must be in \[0, 6\]"),
+    ("k-scale-missing", "k_scale", "", r"\bk_scale is missing"),
+    ("v-scale-not-planned", "", "v_scale", r"\bv_scale was not planned"),
+    ("k-scale-tensor-for-float-plan", "k_scale-float", "k_scale", r"\bk_scale was not planned"),
+    ("k-scale-float-in-run", "k_scale-float", "k_scale-float",
+     r"\bk_scale must be a per-run tensor or None in run \(a float scale is fixed when the "
+     r"plan is made\), got float 0.5"),
+    ("v-scale-float-for-tensor-plan", "v_scale", "v_scale-float",
+     r"\bv_scale must be a per-run tensor or None in run"),
+    ("lse-not-planned", "", "lse_out", r"\blse_out was not planned.*return_lse=True or lse_out="),
+    ("lse-other-layout", "lse_out", "lse_out-transposed", r"\blse_out does not match the plan"),
+    ("lse-overlaps-out", "lse_out", "lse_out-inside-out", r"\blse_out overlaps out in memory"),
+]
+
+
+@pytest.mark.parametrize("planned, given, match",
+                         [pytest.param(p, g, mt, id=i) for i, p, g, mt in PLAN_RUN_FEATURES])
+def test_plan_run_checks_per_run_tensors(planned: str, given: str, match: str) -> None:
+    m = Maker(14)
+    args = m.torch_args()
+    p = flashdec.plan(args["q"], args["k"], args["v"], args["out"],
+                      **_run_tensors(m, planned, args))
+    poison = args["out"].clone()
+    with pytest.raises(ContractError, match=match):
+        p.run(args["q"], args["k"], args["v"], args["out"], **_run_tensors(m, given, args))
+    assert torch.equal(args["out"], poison), "out was written although run raised"
+
+
+def test_plan_run_returns_what_decode_returns() -> None:
+    m = Maker(15)
+    args = m.torch_args()
+    seqlens = torch.tensor([KLEN, 2], dtype=torch.int32)
+    q, k, v = args["q"], args["k"], args["v"]
+    p = flashdec.plan(q, k, v, seqlens=seqlens, return_lse=True, window_left=3)
+    ref, ref_lse = decode_reference(q.numpy(), k.numpy(), v.numpy(), seqlens=seqlens.numpy(),
+                                    window_left=3, return_lse=True)
+    y, lse = p.run(q, k, v, seqlens=seqlens)  # Y and LSE allocated per run
+    assert y.dtype == torch.float32 and lse.dtype == torch.float32 and lse.shape == (B, HQ)
+    assert relative_error(y.numpy(), ref) < TOLERANCE["float32"]
+    assert lse_error(lse.numpy(), ref_lse) < LSE_TOLERANCE["float32"]
+    lse_out = m.t(B, HQ)
+    got = p.run(q, k, v, args["out"], seqlens=[KLEN, 2], lse_out=lse_out)  # host lengths too
+    assert got[0] is args["out"] and got[1] is lse_out
+    assert torch.equal(lse_out, lse) and torch.equal(args["out"], y)
+    with pytest.raises(ContractError, match=r"\bseqlens is missing"):
+        p.run(q, k, v)
+
+
+# -- merge_states -------------------------------------------------------------------------------
+N = 3
+
+
+def _merge_base(m: Maker, **over: Any) -> dict[str, Any]:
+    args = dict(outputs=m.t(N, B, HQ, D), lses=m.t(N, B, HQ), out=None, lse_out=None)
+    args.update(over)
+    return args
+
+
+def _merge_out_inside_outputs(m: Maker) -> dict[str, Any]:
+    outputs = m.t(N, B, HQ, D)
+    return _merge_base(m, outputs=outputs, out=outputs[1])
+
+
+def _merge_lse_inside_out(m: Maker) -> dict[str, Any]:
+    out = m.t(*Q_SHAPE)
+    return _merge_base(m, out=out, lse_out=out.view(-1)[: B * HQ].view(B, HQ))
+
+
+def _merge_readonly_out(m: Maker) -> dict[str, Any]:
+    out = m.n(*Q_SHAPE)
+    out.flags.writeable = False
+    return _merge_base(m, out=out)
+
+
+MERGE_CASES = [
+    ("n-mismatch-stacked", lambda m: _merge_base(m, lses=m.t(N - 1, B, HQ)),
+     r"\blses holds 2 parts but outputs holds 3"),
+    ("n-mismatch-sequence", lambda m: _merge_base(m, outputs=[m.t(B, HQ, D)] * 2,
+                                                  lses=[m.t(B, HQ)] * 3),
+     r"\blses holds 3 parts but outputs holds 2"),
+    ("no-parts", lambda m: _merge_base(m, outputs=[], lses=[]),
+     r"\boutputs must hold at least one part \(N >= 1\), got none"),
+    ("no-parts-stacked", lambda m: _merge_base(m, outputs=m.t(0, B, HQ, D), lses=m.t(0, B, HQ)),
+     r"\boutputs must hold at least one part"),
+    ("outputs-rank-3", lambda m: _merge_base(m, outputs=m.t(B, HQ, D)),
+     r"\boutputs must have rank 4 \[N, batch, num_heads, head_dim\]"),
+    ("lses-rank-2", lambda m: _merge_base(m, lses=m.t(N, B * HQ)),
+     r"\blses must have rank 3 \[N, batch, num_heads\]"),
+    ("part-shapes-differ", lambda m: _merge_base(m, outputs=[m.t(B, HQ, D), m.t(B, HQ + 1, D)],
+                                                 lses=[m.t(B, HQ)] * 2),
+     r"\boutputs\[1\] must have shape \(2, 4, 8\)"),
+    ("lse-shape-differs", lambda m: _merge_base(m, lses=m.t(N, B, HQ + 1)),
+     r"\blses\[0\] must have shape \(2, 4\) \[batch, num_heads\] of outputs, got \(2, 5\)"),
+    ("lse-float16", lambda m: _merge_base(m, lses=m.t(N, B, HQ, dtype=torch.float16)),
+     r"\blses\[0\] has dtype float16; expected float32"),
+    ("lse-bfloat16-part", lambda m: _merge_base(
+        m, outputs=[m.t(B, HQ, D)] * 2, lses=[m.t(B, HQ), m.t(B, HQ, dtype=torch.bfloat16)]),
+     r"\blses\[1\] has dtype bfloat16; expected float32"),
+    ("outputs-dtypes-differ", lambda m: _merge_base(
+        m, outputs=[m.t(B, HQ, D), m.t(B, HQ, D, dtype=torch.float16)], lses=[m.t(B, HQ)] * 2),
+     r"\boutputs\[1\] has dtype float16; expected float32"),
+    ("outputs-int32", lambda m: _merge_base(m, outputs=m.t(N, B, HQ, D, dtype=torch.int32)),
+     r"\boutputs\[0\] has dtype int32; supported dtypes: float16, bfloat16, float32"),
+    ("outputs-fp8", lambda m: _merge_base(m, outputs=m.t(N, B, HQ, D, dtype=torch.float8_e4m3fn)),
+     r"\boutputs\[0\] has dtype float8_e4m3fn; supported dtypes"),
+    ("lses-device", lambda m: _merge_base(m, outputs=[m.t(B, HQ, D)] * 2,
+                                          lses=[m.t(B, HQ), _fake_cuda("float32", B, HQ)]),
+     r"\blses\[1\] is on cuda:0; every part must be on the device of outputs\[0\] \(cpu\)"),
+    ("outputs-device", lambda m: _merge_base(m, outputs=[m.t(B, HQ, D),
+                                                         _fake_cuda("float32", B, HQ, D)],
+                                             lses=[m.t(B, HQ)] * 2),
+     r"\boutputs\[1\] is on cuda:0"),
+    ("outputs-negative-stride", lambda m: _merge_base(
+        m, outputs=m.n(N, B, HQ, D)[:, :, ::-1], lses=m.n(N, B, HQ)),
+     r"\boutputs\[0\] has negative strides"),
+    ("outputs-not-a-tensor", lambda m: _merge_base(m, outputs=3),
+     r"\boutputs must be a stacked tensor \[N, batch, num_heads, head_dim\] or a sequence of N "
+     r"tensors, got int"),
+    ("outputs-part-not-a-tensor", lambda m: _merge_base(m, outputs=[[1.0]] * N),
+     r"\boutputs\[0\] must be a tensor"),
+    ("out-shape", lambda m: _merge_base(m, out=m.t(B, HQ, D + 1)),
+     r"\bout must have shape \(2, 4, 8\)"),
+    ("out-dtype", lambda m: _merge_base(m, out=m.t(*Q_SHAPE, dtype=torch.float16)),
+     r"\bout has dtype float16; expected float32"),
+    ("out-read-only", _merge_readonly_out, r"\bout is read-only"),
+    ("out-stride-0", lambda m: _merge_base(m, out=m.t(1, HQ, D).expand(*Q_SHAPE)),
+     r"\bout has stride 0"),
+    ("out-inside-outputs", _merge_out_inside_outputs, r"\bout overlaps outputs\[1\] in memory"),
+    ("lse-out-dtype", lambda m: _merge_base(m, lse_out=m.t(B, HQ, dtype=torch.float16)),
+     r"\blse_out has dtype float16; expected float32"),
+    ("lse-out-shape", lambda m: _merge_base(m, lse_out=m.t(HQ, B)),
+     r"\blse_out must have shape \(2, 4\)"),
+    ("lse-out-inside-out", _merge_lse_inside_out, r"\blse_out overlaps out in memory"),
+    ("lse-out-is-a-lse", lambda m: (lambda lses: _merge_base(m, lses=lses, lse_out=lses[2]))(
+        m.t(N, B, HQ)), r"\blse_out overlaps lses\[2\] in memory"),
+]
+
+
+@pytest.mark.parametrize("make, match", [pytest.param(mk, mt, id=i) for i, mk, mt in MERGE_CASES])
+def test_merge_rejects(make, match) -> None:
+    args = make(Maker(16))
+    written = [x.clone() for x in (args["out"], args["lse_out"]) if isinstance(x, torch.Tensor)]
+    with pytest.raises(ContractError, match=match) as info:
+        flashdec.merge_states(args["outputs"], args["lses"], out=args["out"],
+                              lse_out=args["lse_out"])
+    assert type(info.value) is ContractError
+    for before, x in zip(written, (x for x in (args["out"], args["lse_out"])
+                                   if isinstance(x, torch.Tensor))):
+        assert torch.equal(before, x), "an output was written although merge_states raised"
+
+
+def test_merge_table_is_valid_without_the_fault() -> None:
+    args = _merge_base(Maker(17))
+    out, lse = flashdec.merge_states(args["outputs"], args["lses"])
+    ref, ref_lse = merge_reference(args["outputs"].numpy(), args["lses"].numpy())
+    assert relative_error(out.numpy(), ref) < TOLERANCE["float32"]
+    assert lse_error(lse.numpy(), ref_lse) < LSE_TOLERANCE["float32"]

@@ -129,3 +129,25 @@ def test_no_command_is_a_usage_error(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code != 0
+
+
+# -- bench ----------------------------------------------------------------------------------------
+def test_bench_without_gpu_fails_cleanly(tmp_path) -> None:
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the bench would run")
+    proc = _run_module("bench", "--quick", "--json", str(tmp_path / "r.json"),
+                       env_extra={"FLASHDEC_CACHE_DIR": str(tmp_path / "c")})
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "needs a CUDA GPU" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bench_help(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--quick", "--shapes", "--dtype", "--peers", "--json", "--png", "--plot"):
+        assert flag in text

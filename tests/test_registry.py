@@ -13,7 +13,7 @@ import torch
 import flashdec
 from flashdec import (Backend, BackendUnavailableError, ContractError, UnsupportedError, _env,
                       _registry)
-from flashdec.reference import TOLERANCE, decode_reference, relative_error
+from flashdec.reference import TOLERANCE, decode_reference, merge_reference, relative_error
 
 Q_SHAPE, KV_SHAPE = (2, 4, 16), (2, 2, 7, 16)
 VALID = r"valid choices: auto, cuda, torch"
@@ -184,10 +184,10 @@ class _ToyRunner:
     def __init__(self, backend: "ToyBackend", problem) -> None:
         self.backend, self.problem = backend, problem
 
-    def __call__(self, q, k, v, out, stream) -> None:
-        self.backend.calls.append((q, k, v, out, stream))
+    def __call__(self, args, stream) -> None:
+        self.backend.calls.append((args, stream))
         # the toy's answer: -2 * q, a result no real backend would give
-        torch.from_dlpack(out).copy_(torch.from_dlpack(q) * -2)
+        torch.from_dlpack(args.out).copy_(torch.from_dlpack(args.q) * -2)
 
 
 class ToyBackend(Backend):
@@ -289,6 +289,60 @@ def test_backend_reporting_unavailable(registered, qkv) -> None:
     q, k, v, out, _ = qkv
     with pytest.raises(BackendUnavailableError, match="no frobnicator attached"):
         flashdec.plan(q, k, v, out, backend="nodevice")
+
+
+class MergingToy(ToyBackend):
+    """A toy that also merges: it records the parts it is handed and writes -1 / -2."""
+
+    name = "mergingtoy"
+
+    def merge(self, problem, outputs, lses, out, lse_out, stream) -> None:
+        self.calls.append((problem, list(outputs), list(lses), stream))
+        torch.from_dlpack(out).fill_(-1.0)
+        torch.from_dlpack(lse_out).fill_(-2.0)
+
+
+@pytest.fixture
+def parts():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(3, 2, 4, 16, generator=gen), torch.randn(3, 2, 4, generator=gen)
+
+
+def test_merge_goes_to_the_named_backend_as_views_of_the_stack(registered, clean_env,
+                                                               parts) -> None:
+    registered("mergingtoy", MergingToy)
+    outputs, lses = parts
+    out, lse = flashdec.merge_states(outputs, lses, backend="mergingtoy")
+    assert torch.equal(out, torch.full((2, 4, 16), -1.0))
+    assert torch.equal(lse, torch.full((2, 4), -2.0))
+    toy = flashdec.get_backend("mergingtoy")
+    (problem, got_outputs, got_lses, stream), = toy.calls
+    assert problem == flashdec.MergeProblem(3, 2, 4, 16, flashdec.DType.float32,
+                                            flashdec.Device("cpu"))
+    assert [p.ptr for p in got_outputs] == [outputs[i].data_ptr() for i in range(3)]
+    assert [p.ptr for p in got_lses] == [lses[i].data_ptr() for i in range(3)]
+    assert all(p.owner is outputs for p in got_outputs), "a stacked input must not be copied"
+    assert stream is None
+
+
+def test_merge_auto_skips_backends_without_merge(registered, clean_env, parts) -> None:
+    registered("toy", ToyBackend)
+    clean_env.setenv("FLASHDEC_BACKEND", "toy")
+    outputs, lses = parts
+    with pytest.raises(UnsupportedError,
+                       match=r"toy backend does not implement merge_states.*backend='torch' can"):
+        flashdec.merge_states(outputs, lses)
+    out, _ = flashdec.merge_states(outputs, lses, backend="auto")
+    ref, _ = merge_reference(outputs.numpy(), lses.numpy())
+    _check(out, ref)
+
+
+def test_merge_explicit_cuda_on_cpu_never_falls_back(clean_env, parts) -> None:
+    outputs, lses = parts
+    out = torch.full((2, 4, 16), 7.0)
+    with pytest.raises((BackendUnavailableError, UnsupportedError), match="cuda"):
+        flashdec.merge_states(outputs, lses, out=out, backend="cuda")
+    assert torch.equal(out, torch.full((2, 4, 16), 7.0))
 
 
 def test_registry_validates_before_choosing(registered, qkv) -> None:

@@ -75,7 +75,9 @@ class CapsuleProducer:
 
 # -- torch ----------------------------------------------------------------------------------------
 TORCH_DTYPES = [(torch.float16, DType.float16), (torch.bfloat16, DType.bfloat16),
-                (torch.float32, DType.float32), (torch.float64, DType.float64)]
+                (torch.float32, DType.float32), (torch.float64, DType.float64),
+                (torch.float8_e4m3fn, DType.float8_e4m3fn), (torch.float8_e5m2, DType.float8_e5m2),
+                (torch.int32, DType.int32)]
 
 
 def _torch_layouts(gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -109,9 +111,9 @@ def test_from_torch(tdtype, dtype, layout, cls) -> None:
 
 
 def test_from_torch_unsupported_dtype_is_named() -> None:
-    x = (torch.randn(3, 4, generator=_gen(2)) * 100).to(torch.int32)
+    x = (torch.randn(3, 4, generator=_gen(2)) * 100).to(torch.int64)
     view = TensorRef.from_object(x)
-    assert view.dtype == "int32"
+    assert view.dtype == "int64"
 
 
 # -- NumPy ----------------------------------------------------------------------------------------
@@ -348,6 +350,47 @@ def test_bfloat16_torch_round_trip() -> None:
     assert x[0, 0].item() == 0.5
 
 
+class TorchProducer:
+    """A torch tensor seen only through its own DLPack export (not flashdec's torch path)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        return self.x.__dlpack__(max_version=max_version)
+
+    def __dlpack_device__(self):
+        return self.x.__dlpack_device__()
+
+
+@pytest.mark.parametrize("tdtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int32])
+def test_fp8_and_int32_dlpack_round_trip(tdtype) -> None:
+    """torch exports fp8 with the DLPack 1.1 codes; flashdec reads and re-exports them."""
+    x = (torch.randn(3, 8, generator=_gen(40)) * 50).to(tdtype)[:, ::2]
+    view = TensorRef.from_object(TorchProducer(x))
+    assert view.dtype is DType.parse(tdtype)
+    assert (view.ptr, view.shape, view.strides) == (x.data_ptr(), (3, 4), x.stride())
+    t = torch.from_dlpack(view)
+    assert t.dtype == tdtype and t.data_ptr() == x.data_ptr() and t.stride() == x.stride()
+    assert torch.equal(t.to(torch.float32), x.to(torch.float32))
+
+
+@pytest.mark.parametrize("cls", [TensorRef, TensorMut])
+def test_index_leading_axis_is_a_view(cls) -> None:
+    x = torch.randn(4, 3, 6, generator=_gen(41))[:, :, 1:5]
+    view = cls.from_object(x)
+    for i in range(4):
+        part = view[i]
+        assert type(part) is cls and part.owner is x
+        assert (part.ptr, part.shape, part.strides) == (x[i].data_ptr(), (3, 4), x[i].stride())
+        assert torch.equal(torch.from_dlpack(part), x[i])
+    for bad in (4, -1):
+        with pytest.raises(IndexError, match=rf"index {bad} is out of range for shape"):
+            view[bad]
+    with pytest.raises(TypeError, match="int"):
+        view[1:2]
+
+
 def test_producer_to_view_to_torch_shares_memory() -> None:
     a = _rng(22).standard_normal((4, 4)).astype(np.float32)
     t = torch.from_dlpack(TensorRef.from_object(Producer(a)))
@@ -482,7 +525,10 @@ def test_capsule_rejected_by_consumer_raises_its_error(kind) -> None:
     ("float64", DType.float64), (torch.float16, DType.float16), (torch.bfloat16, DType.bfloat16),
     (torch.float32, DType.float32), (np.dtype(np.float32), DType.float32),
     (np.dtype(np.float16), DType.float16),
-    ("int8", "int8"), (torch.int32, "int32"), (torch.complex64, "complex64"),
+    (torch.int32, DType.int32), (np.dtype(np.int32), DType.int32),
+    (torch.float8_e4m3fn, DType.float8_e4m3fn), (torch.float8_e5m2, DType.float8_e5m2),
+    ("int8", "int8"), (torch.int16, "int16"), (torch.complex64, "complex64"),
+    (torch.float8_e4m3fnuz, "float8_e4m3fnuz"),
     (np.dtype(np.int64), "int64"), (np.dtype(bool), "bool"), ("nonsense", "nonsense"),
 ])
 def test_dtype_parse(obj, expected) -> None:
@@ -505,7 +551,9 @@ def test_dtype_parse_accepts_dtype_members_and_numpy_scalar_types() -> None:
 
 @pytest.mark.parametrize("code_bits_lanes, expected", [
     ((2, 16, 1), DType.float16), ((4, 16, 1), DType.bfloat16), ((2, 32, 1), DType.float32),
-    ((2, 64, 1), DType.float64), ((0, 32, 1), "int32"), ((0, 8, 1), "int8"), ((1, 8, 1), "uint8"),
+    ((2, 64, 1), DType.float64), ((0, 32, 1), DType.int32), ((10, 8, 1), DType.float8_e4m3fn),
+    ((12, 8, 1), DType.float8_e5m2), ((11, 8, 1), "dlpack_code11_8"), ((0, 32, 2), "int32x2"),
+    ((0, 16, 1), "int16"), ((0, 8, 1), "int8"), ((1, 8, 1), "uint8"),
     ((6, 8, 1), "bool8"), ((2, 8, 1), "float8"), ((4, 32, 1), "bfloat32"),
     ((2, 32, 4), "float32x4"), ((2, 16, 2), "float16x2"), ((5, 64, 1), "dlpack_code5_64"),
 ])
@@ -516,6 +564,10 @@ def test_dtype_from_dlpack(code_bits_lanes, expected) -> None:
 def test_dtype_properties() -> None:
     assert [d.itemsize for d in (DType.float16, DType.bfloat16, DType.float32, DType.float64)] \
         == [2, 2, 4, 8]
+    assert [d.itemsize for d in (DType.float8_e4m3fn, DType.float8_e5m2, DType.int32)] == [1, 1, 4]
+    assert [d for d in DType if d.is_fp8] == [DType.float8_e4m3fn, DType.float8_e5m2]
+    assert (DType.float8_e4m3fn.ctype, DType.float8_e5m2.ctype, DType.int32.ctype) == \
+        ("__nv_fp8_e4m3", "__nv_fp8_e5m2", "int")
     for d in DType:
         assert DType.from_dlpack(*d.dlpack, 1) is d
 
@@ -549,3 +601,19 @@ def test_decode_with_producer_inputs_and_no_out_returns_a_dlpack_buffer() -> Non
     got = np.from_dlpack(y)
     assert got.shape == q.shape and got.dtype == np.float32
     assert relative_error(got, decode_reference(q, k, v)) < TOLERANCE["float32"]
+
+
+def test_producer_inputs_get_a_dlpack_lse_and_merge_results() -> None:
+    """With return_lse, LSE is a flashdec-owned float32 buffer too, and merge_states of such
+    buffers returns flashdec-owned buffers."""
+    q, k, v = _qkv(36)
+    halves = [flashdec.decode(Producer(q), Producer(k[:, :, s]), Producer(v[:, :, s]),
+                              return_lse=True) for s in (slice(0, 4), slice(4, 9))]
+    for y, lse in halves:
+        assert isinstance(y, TensorMut) and isinstance(lse, TensorMut)
+        assert lse.dtype is DType.float32 and lse.shape == q.shape[:2]
+    y, lse = flashdec.merge_states([h[0] for h in halves], [h[1] for h in halves])
+    assert isinstance(y, TensorMut) and isinstance(lse, TensorMut)
+    ref, ref_lse = decode_reference(q, k, v, return_lse=True)
+    assert relative_error(np.from_dlpack(y), ref) < TOLERANCE["float32"]
+    assert relative_error(np.from_dlpack(lse), ref_lse) < TOLERANCE["float32"]

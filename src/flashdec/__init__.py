@@ -1,6 +1,8 @@
 """flashdec: FlashDecoding attention for one query token over a KV cache, with GQA.
 
-``Y[b, h] = softmax(scale * Q[b, h] . K[b, h // group]^T) . V[b, h // group]``
+``Y[b, h] = softmax(scale * Q[b, h] . K[b, h // group]^T) . V[b, h // group]``, with the
+serving features inference engines need: per-sequence lengths, LSE output and
+``merge_states``, logit softcap, sliding window, fp8 KV cache.
 
 The whole public API is listed here.
 """
@@ -9,8 +11,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ._api import DecodePlan, decode, plan
-from ._contract import DecodeProblem
+from ._api import DecodePlan, decode, merge_states, plan
+from ._contract import DecodeArgs, DecodeProblem, MergeProblem
 from ._dtypes import DType
 from ._errors import (BackendUnavailableError, CompilationError, ContractError, CudaError,
                       FlashDecError, UnsupportedError)
@@ -23,7 +25,10 @@ __all__ = [
     "decode",
     "plan",
     "DecodePlan",
+    "merge_states",
     "DecodeProblem",
+    "DecodeArgs",
+    "MergeProblem",
     "DType",
     "Device",
     "TensorRef",

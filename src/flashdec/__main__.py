@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--backend", default=None, help="auto, torch or cuda (default: FLASHDEC_BACKEND)")
     demo.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
     demo.add_argument("--iters", type=int, default=20)
-    sub.add_parser("bench", help="flashdec vs torch SDPA on the GPU (see --help)", add_help=False)
+    sub.add_parser("bench", add_help=False,
+                   help="flashdec vs torch SDPA, FlexDecoding and the torch backend on the GPU; "
+                        "--plot JSON --png PATH redraws a plot without one (see bench --help)")
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["bench"]:

@@ -1,49 +1,131 @@
-"""``decode`` and ``plan``: views, contract, backend choice, output allocation, launch."""
+"""``decode``, ``plan`` and ``merge_states``: views, contract, backend choice, result
+allocation, launch."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Sequence
 
-from ._contract import DecodeProblem, Layout, check_no_overlap, validate
+from . import _dlpack
+from ._contract import (ARG_NAMES, DecodeArgs, DecodeProblem, Layout, MergeProblem,
+                        check_aliasing, check_host_seqlens, check_rank, layouts, validate,
+                        validate_merge)
+from ._dtypes import DType
 from ._errors import ContractError
 from ._registry import Backend, Runner, select_backend
 from ._streams import dlpack_stream, stream_handle
-from ._views import TensorMut, TensorRef
+from ._views import Device, TensorMut, TensorRef
 
-__all__ = ["decode", "plan", "DecodePlan"]
+__all__ = ["decode", "plan", "DecodePlan", "merge_states"]
 
-_NAMES = ("q", "k", "v")
+_OUTPUTS = (ARG_NAMES.out, ARG_NAMES.lse)
 
 
-def _views(q: Any, k: Any, v: Any, out: Any, stream: int | None):
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, TensorRef) or hasattr(x, "__dlpack__")
+
+
+def _view(x: Any, name: str, stream: int | None, writable: bool = False) -> TensorRef | None:
+    if x is None:
+        return None
+    return (TensorMut if writable else TensorRef).from_object(x, name=name, stream=stream)
+
+
+def _host_lengths(seqlens: Any) -> Any:
+    """Lengths given as a host sequence, as a NumPy int32 array (range-checked later)."""
+    import numpy
+
+    values = numpy.asarray(seqlens)
+    if values.size and (values.ndim != 1 or values.dtype.kind not in "iu"):
+        raise ContractError(f"seqlens must be an int32 tensor [batch] or a flat sequence of "
+                            f"ints, got {type(seqlens).__name__} of {values.dtype} with shape "
+                            f"{values.shape}")
+    limits = numpy.iinfo(numpy.int32)
+    if values.size and not limits.min <= values.min() <= values.max() <= limits.max:
+        raise ContractError(f"seqlens values must fit int32, got values from {values.min()} to "
+                            f"{values.max()}")
+    return values.astype(numpy.int32).reshape(-1)
+
+
+def _views(q: Any, k: Any, v: Any, out: Any, seqlens: Any, k_scale: Any, v_scale: Any,
+           lse_out: Any, stream: int | None) -> tuple[DecodeArgs, dict[str, Any]]:
+    """Views of every tensor argument, in argument order (so the first bad one is named), and
+    the float scales (None where absent or given as a tensor)."""
     dl_stream = dlpack_stream(stream)
-    ins = tuple(TensorRef.from_object(x, name=n, stream=dl_stream) for x, n in zip((q, k, v), _NAMES))
-    out_view = None if out is None else TensorMut.from_object(out, name="out", stream=dl_stream)
-    return ins, out_view
+    if seqlens is not None and not _is_tensor(seqlens):
+        seqlens = _host_lengths(seqlens)
+    scalars, tensors = {}, {}
+    for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+        is_tensor = value is not None and _is_tensor(value)
+        scalars[name], tensors[name] = (None, value) if is_tensor else (value, None)
+    given = DecodeArgs(q, k, v, out, seqlens, tensors["k_scale"], tensors["v_scale"], lse_out)
+    views = [TensorRef.from_object(x, name=name, stream=dl_stream)
+             for x, name in zip(given[:3], ARG_NAMES[:3])]
+    views += [_view(x, name, dl_stream, writable=name in _OUTPUTS)
+              for x, name in zip(given[3:], ARG_NAMES[3:])]
+    return DecodeArgs(*views), scalars
 
 
-def _allocate(backend: Backend, problem: DecodeProblem, q: Any) -> Any:
-    """Y for ``out=None``: a tensor like Q for torch and NumPy, else the backend's buffer."""
-    shape = (problem.batch, problem.num_heads, problem.head_dim)
+def _new_result(backend: Backend, problem: DecodeProblem | MergeProblem, like: Any,
+                lse: bool) -> Any:
+    """Y (or LSE) the caller left to flashdec: a tensor like ``like`` for torch and NumPy,
+    else the backend's buffer."""
+    shape = problem.lse_shape if lse else problem.out_shape
     torch = sys.modules.get("torch")
-    if torch is not None and isinstance(q, torch.Tensor):
-        return torch.empty(shape, dtype=q.dtype, device=q.device)
+    if torch is not None and isinstance(like, torch.Tensor):
+        return torch.empty(shape, dtype=torch.float32 if lse else like.dtype, device=like.device)
     numpy = sys.modules.get("numpy")
-    if numpy is not None and isinstance(q, numpy.ndarray):
-        return numpy.empty(shape, dtype=q.dtype)
-    return backend.allocate_output(problem, q)
+    if numpy is not None and isinstance(like, numpy.ndarray):
+        return numpy.empty(shape, dtype=numpy.float32 if lse else like.dtype)
+    return (backend.allocate_lse if lse else backend.allocate_output)(problem, like)
+
+
+def _results(backend: Backend, problem: DecodeProblem, args: DecodeArgs, like: Any, out: Any,
+             lse_out: Any, stream: int | None) -> tuple[DecodeArgs, Any]:
+    """Allocate the Y and LSE the caller did not pass; return the completed args and what the
+    call returns (Y, or (Y, LSE))."""
+    dl_stream = dlpack_stream(stream)
+    if out is None:
+        out = _new_result(backend, problem, like, lse=False)
+        args = args._replace(out=TensorMut.from_object(out, name="out", stream=dl_stream))
+    if problem.return_lse and lse_out is None:
+        lse_out = _new_result(backend, problem, like, lse=True)
+        args = args._replace(lse=TensorMut.from_object(lse_out, name="lse_out",
+                                                       stream=dl_stream))
+    return args, ((out, lse_out) if problem.return_lse else out)
+
+
+def _check_planned(planned: DecodeArgs, args: DecodeArgs) -> None:
+    """Each tensor of a run is present exactly when the plan has it, with the planned layout."""
+    for name, layout, view in zip(ARG_NAMES, planned, args):
+        if layout is None and view is None:
+            continue
+        if layout is None:
+            how = "return_lse=True or lse_out=" if name == ARG_NAMES.lse else f"{name}="
+            raise ContractError(f"{name} was not planned: this plan was made without it; make "
+                                f"a new plan with {how} to pass it to run")
+        if view is None:
+            raise ContractError(f"{name} is missing: the plan was made with a per-run {name} "
+                                f"tensor; pass {name}= to run")
+        if Layout.of(view) != layout:
+            shape, strides, dtype, device = layout
+            raise ContractError(
+                f"{name} does not match the plan: planned shape {shape}, strides {strides}, "
+                f"{getattr(dtype, 'value', dtype)} on {device}; got shape {view.shape}, "
+                f"strides {view.strides}, {getattr(view.dtype, 'value', view.dtype)} on "
+                f"{view.device}. Make a new plan for a new layout")
 
 
 class DecodePlan:
     """A decode problem prepared once and run every token.
 
-    ``run`` checks only that each tensor has the planned shape, strides, dtype and device and
-    that Y does not overlap an input; everything else was validated when the plan was made.
+    ``run`` checks only that each tensor has the planned shape, strides, dtype and device,
+    that the outputs overlap no input, and host-side ``seqlens`` values; everything else was
+    validated when the plan was made.
     """
 
     def __init__(self, problem: DecodeProblem, backend: Backend, runner: Runner,
-                 layouts: tuple[Layout, ...]) -> None:
+                 layouts: DecodeArgs) -> None:
         self.problem = problem
         self.backend = backend
         self._runner = runner
@@ -57,54 +139,82 @@ class DecodePlan:
     def __repr__(self) -> str:
         return f"DecodePlan(backend={self.backend.name!r}, problem={self.problem})"
 
-    def run(self, q: Any, k: Any, v: Any, out: Any = None, stream: Any = None) -> Any:
-        """Decode with tensors of the planned layout; returns Y (``out``, or a new tensor)."""
+    def run(self, q: Any, k: Any, v: Any, out: Any = None, *, seqlens: Any = None,
+            k_scale: Any = None, v_scale: Any = None, lse_out: Any = None,
+            stream: Any = None) -> Any:
+        """Decode with tensors of the planned layout; returns what :func:`decode` would.
+
+        ``seqlens``, ``k_scale``/``v_scale`` tensors and ``lse_out`` are passed here exactly
+        when the plan was made with them; float scales were fixed by the plan.
+        """
         handle = stream_handle(stream, q)
-        (qv, kv, vv), _ = _views(q, k, v, None, handle)
-        if out is None:
-            out = _allocate(self.backend, self.problem, q)
-        ov = TensorMut.from_object(out, name="out", stream=dlpack_stream(handle))
-        for name, view, planned in zip(("q", "k", "v", "out"), (qv, kv, vv, ov), self._layouts):
-            if Layout.of(view) != planned:
-                shape, strides, dtype, device = planned
-                raise ContractError(
-                    f"{name} does not match the plan: planned shape {shape}, strides {strides}, "
-                    f"{getattr(dtype, 'value', dtype)} on {device}; got shape {view.shape}, "
-                    f"strides {view.strides}, {getattr(view.dtype, 'value', view.dtype)} on "
-                    f"{view.device}. Make a new plan for a new layout")
-        check_no_overlap(ov, {"q": qv, "k": kv, "v": vv})
-        self._runner(qv, kv, vv, ov, handle)
-        return out
+        args, scalars = _views(q, k, v, out, seqlens, k_scale, v_scale, lse_out, handle)
+        for name, value in scalars.items():
+            if value is not None:
+                raise ContractError(f"{name} must be a per-run tensor or None in run (a float "
+                                    f"scale is fixed when the plan is made), got "
+                                    f"{type(value).__name__} {value!r}")
+        args, result = _results(self.backend, self.problem, args, q, out, lse_out, handle)
+        _check_planned(self._layouts, args)
+        check_aliasing(args)
+        check_host_seqlens(args.seqlens, self.problem.kv_len)
+        self._runner(args, handle)
+        return result
 
 
-def _row_major_layout(problem: DecodeProblem) -> Layout:
-    shape = (problem.batch, problem.num_heads, problem.head_dim)
-    strides = (problem.num_heads * problem.head_dim, problem.head_dim, 1)
-    return Layout((shape, strides, problem.dtype, problem.device))
+def _row_major(shape: tuple[int, ...], dtype: DType, device: Device) -> Layout:
+    """The layout of a result flashdec allocates."""
+    return Layout((shape, _dlpack._row_major(shape), dtype, device))
+
+
+def _validated(q: Any, k: Any, v: Any, out: Any, seqlens: Any, k_scale: Any, v_scale: Any,
+               lse_out: Any, backend: str | None, stream: int | None,
+               **features: Any) -> tuple[DecodeArgs, DecodeProblem, Backend]:
+    """What decode and plan share: views, the contract, the backend."""
+    args, scalars = _views(q, k, v, out, seqlens, k_scale, v_scale, lse_out, stream)
+    problem = validate(args, **features, **scalars)
+    return args, problem, select_backend(backend, problem)
 
 
 def plan(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
-         backend: str | None = None, **options: Any) -> DecodePlan:
+         softcap: float | None = None, window_left: int | None = None, seqlens: Any = None,
+         k_scale: Any = None, v_scale: Any = None, return_lse: bool = False,
+         lse_out: Any = None, backend: str | None = None, **options: Any) -> DecodePlan:
     """Validate once, choose the backend, prepare kernels and workspace; see :func:`decode`.
 
-    ``out`` fixes Y's layout; without it Y is planned as a fresh row-major tensor like Q.
-    Backend options (``num_splits=`` for cuda) are passed through.
+    ``out`` fixes Y's layout; without it Y is planned as a fresh row-major tensor like Q (and
+    LSE likewise with ``return_lse``). ``seqlens``, scale tensors and ``lse_out`` fix their
+    presence and layout: each run passes tensors of the same layout. Float scales, ``scale``,
+    ``softcap`` and ``window_left`` are fixed here. Backend options (``num_splits=`` for
+    cuda) are passed through.
     """
-    (qv, kv, vv), ov = _views(q, k, v, out, None)
-    problem = validate(qv, kv, vv, ov, scale)
-    chosen = select_backend(backend, problem)
-    out_layout = _row_major_layout(problem) if ov is None else Layout.of(ov)
-    layouts = (Layout.of(qv), Layout.of(kv), Layout.of(vv), out_layout)
-    return DecodePlan(problem, chosen, chosen.prepare(problem, layouts, **options), layouts)
+    args, problem, chosen = _validated(q, k, v, out, seqlens, k_scale, v_scale, lse_out,
+                                       backend, None, scale=scale, softcap=softcap,
+                                       window_left=window_left, return_lse=return_lse)
+    planned = layouts(args)
+    if out is None:
+        planned = planned._replace(out=_row_major(problem.out_shape, problem.dtype,
+                                                  problem.device))
+    if problem.return_lse and lse_out is None:
+        planned = planned._replace(lse=_row_major(problem.lse_shape, DType.float32,
+                                                  problem.device))
+    return DecodePlan(problem, chosen, chosen.prepare(problem, planned, **options), planned)
 
 
 def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
-           backend: str | None = None, stream: Any = None, **options: Any) -> Any:
-    """One decode step of attention: ``Y[b, h] = softmax(scale * Q[b, h] . K[b, g]^T) . V[b, g]``.
+           softcap: float | None = None, window_left: int | None = None, seqlens: Any = None,
+           k_scale: Any = None, v_scale: Any = None, return_lse: bool = False,
+           lse_out: Any = None, backend: str | None = None, stream: Any = None,
+           **options: Any) -> Any:
+    """One decode step of attention: ``Y[b, h] = softmax(s) . V[b, g]`` over the keys ``j`` of
+    ``[lo_b, L_b)``, with ``s_j = softcap * tanh(scale * Q[b, h] . K[b, g, j] / softcap)``.
 
+    ``g = h // (H_q // H_kv)``; ``L_b = seqlens[b]`` (else K_len); ``lo_b = L_b - 1 -
+    window_left`` (else 0); fp8 K and V are read as ``k_scale[g] * K`` and ``v_scale[g] * V``.
     Shapes: Q ``[B, H_q, D]``, K and V ``[B, H_kv, K_len, D]`` (physical layout, any strides
-    >= 0), Y ``[B, H_q, D]``, with ``g = h // (H_q // H_kv)`` and ``scale`` defaulting to
-    ``1 / sqrt(D)``. Q, K, V and Y share one dtype (float16, bfloat16, float32) and device.
+    >= 0), Y ``[B, H_q, D]``, LSE ``[B, H_q]``. Q and Y share one dtype (float16, bfloat16,
+    float32); K and V share Q's dtype or one fp8 dtype (float8_e4m3fn, float8_e5m2, with
+    float16 or bfloat16 Q). One device. An empty key range gives Y = 0 and LSE = -inf.
 
     Parameters
     ----------
@@ -112,6 +222,21 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
     out : writable tensor of Q's shape, optional
         Written in full. Without it Y is allocated like Q (torch for torch, NumPy for NumPy).
     scale : float, optional
+        Multiplies ``Q . K``; default ``1 / sqrt(D)``.
+    softcap : float > 0, optional
+        Caps the scaled scores at +-softcap through tanh (Gemma 2).
+    window_left : int >= 0, optional
+        Attend only to keys ``j >= L - 1 - window_left``.
+    seqlens : int32 tensor [B] or a host sequence of ints, optional
+        Valid KV rows per batch entry; K_len is then the capacity and rows at or past
+        ``seqlens[b]`` are never read. On K's device (read at run time, clamped to
+        [0, K_len]) or on the CPU (checked to lie in [0, K_len]).
+    k_scale, v_scale : float > 0 or float32 tensor [H_kv], optional
+        Dequantization scales of K and V; required with fp8 K/V, default 1.
+    return_lse : bool
+        Also return LSE = log of the softmax denominator of the (capped) scores, float32.
+    lse_out : writable float32 tensor [B, H_q], optional
+        Where to write LSE (implies ``return_lse``).
     backend : {"auto", "torch", "cuda"}, optional
         Wins over ``FLASHDEC_BACKEND``. An explicit backend never falls back.
     stream : int or object with ``__cuda_stream__``, optional
@@ -121,19 +246,85 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
 
     Returns
     -------
-    Y (``out`` itself when given).
+    Y (``out`` itself when given), or ``(Y, LSE)`` with ``return_lse`` or ``lse_out``.
 
     Raises
     ------
     ContractError, UnsupportedError, BackendUnavailableError, CompilationError
     """
     handle = stream_handle(stream, q)
-    (qv, kv, vv), ov = _views(q, k, v, out, handle)
-    problem = validate(qv, kv, vv, ov, scale)
+    args, problem, chosen = _validated(q, k, v, out, seqlens, k_scale, v_scale, lse_out,
+                                       backend, handle, scale=scale, softcap=softcap,
+                                       window_left=window_left, return_lse=return_lse)
+    args, result = _results(chosen, problem, args, q, out, lse_out, handle)
+    chosen.prepare(problem, layouts(args), **options)(args, handle)
+    return result
+
+
+def _first(x: Any) -> Any:
+    """The tensor that stands for ``x`` (a stacked tensor or a sequence of parts)."""
+    if _is_tensor(x) or not isinstance(x, Sequence) or not x:
+        return x
+    return x[0]
+
+
+def _parts(x: Any, name: str, stacked_rank: int, axes: str,
+           stream: int | None) -> list[TensorRef]:
+    """One view per part: slices of a stacked tensor (no copy), or views of a sequence."""
+    if _is_tensor(x):
+        stacked = TensorRef.from_object(x, name=name, stream=stream)
+        check_rank(name, stacked, stacked_rank, f"{axes} (or pass a sequence of N tensors)")
+        return [stacked[i] for i in range(stacked.shape[0])]
+    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        return [TensorRef.from_object(p, name=f"{name}[{i}]", stream=stream)
+                for i, p in enumerate(x)]
+    raise ContractError(f"{name} must be a stacked tensor {axes} or a sequence of N tensors, "
+                        f"got {type(x).__name__}")
+
+
+def merge_states(outputs: Any, lses: Any, *, out: Any = None, lse_out: Any = None,
+                 backend: str | None = None, stream: Any = None) -> tuple[Any, Any]:
+    """Merge attention states of the same queries over disjoint key sets:
+    ``Y = sum_i w_i Y_i / sum_i w_i`` and ``LSE = m + log(sum_i w_i)`` with
+    ``w_i = exp(lse_i - m)``, ``m = max_i lse_i``.
+
+    What context parallelism and cascade attention do with the ``(Y, LSE)`` pairs that
+    ``decode(..., return_lse=True)`` returns for each key set. Parts with LSE = -inf (no keys)
+    weigh nothing; if every part is empty, Y = 0 and LSE = -inf. NaN propagates. Parts are
+    summed in order, in fp32, so the result is deterministic.
+
+    Parameters
+    ----------
+    outputs : tensor [N, B, H, D] or a sequence of N tensors [B, H, D]
+        float16, bfloat16 or float32; Y has their dtype.
+    lses : float32 tensor [N, B, H] or a sequence of N tensors [B, H]
+    out, lse_out : writable tensors [B, H, D] and float32 [B, H], optional
+    backend, stream
+        As in :func:`decode`.
+
+    Returns
+    -------
+    (Y, LSE)
+
+    Raises
+    ------
+    ContractError, UnsupportedError, BackendUnavailableError
+    """
+    like_out, like_lse = _first(outputs), _first(lses)
+    handle = stream_handle(stream, like_out)
+    dl_stream = dlpack_stream(handle)
+    parts_out = _parts(outputs, "outputs", 4, "[N, batch, num_heads, head_dim]", dl_stream)
+    parts_lse = _parts(lses, "lses", 3, "[N, batch, num_heads]", dl_stream)
+    out_view = _view(out, "out", dl_stream, writable=True)
+    lse_view = _view(lse_out, "lse_out", dl_stream, writable=True)
+    problem = validate_merge(parts_out, parts_lse, out_view, lse_view)
     chosen = select_backend(backend, problem)
     if out is None:
-        out = _allocate(chosen, problem, q)
-        ov = TensorMut.from_object(out, name="out", stream=dlpack_stream(handle))
-    layouts = (Layout.of(qv), Layout.of(kv), Layout.of(vv), Layout.of(ov))
-    chosen.prepare(problem, layouts, **options)(qv, kv, vv, ov, handle)
-    return out
+        out = _new_result(chosen, problem, like_out, lse=False)
+        out_view = TensorMut.from_object(out, name="out", stream=dl_stream)
+    if lse_out is None:
+        lse_out = _new_result(chosen, problem, like_lse, lse=True)
+        lse_view = TensorMut.from_object(lse_out, name="lse_out", stream=dl_stream)
+    if problem.batch:
+        chosen.merge(problem, parts_out, parts_lse, out_view, lse_view, handle)
+    return out, lse_out

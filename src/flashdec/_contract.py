@@ -1,29 +1,54 @@
-"""The decode contract: ranks, shapes, dtypes, devices, strides, aliasing, scale.
+"""The decode and merge contracts: ranks, shapes, dtypes, devices, strides, aliasing, scalars.
 
 ``Q [B, H_q, D]``, ``K/V [B, H_kv, K_len, D]`` (physical layout), ``Y [B, H_q, D]``,
-``kv_head = q_head // (H_q // H_kv)``. Every check raises :class:`ContractError` naming the
-argument, what was expected and what was given, before any work is launched.
+``kv_head = q_head // (H_q // H_kv)``. The serving features add an int32 ``seqlens [B]``
+(K_len is then the capacity), float32 ``k_scale``/``v_scale [H_kv]`` tensors (or floats),
+a float32 ``LSE [B, H_q]`` output, ``softcap`` and ``window_left``. Every check raises
+:class:`ContractError` naming the argument, what was expected and what was given, before any
+work is launched.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
+from typing import NamedTuple, Sequence
 
 from ._dtypes import DType
 from ._errors import ContractError
 from ._views import Device, TensorMut, TensorRef
 
-__all__ = ["DecodeProblem", "COMPUTE_DTYPES", "validate", "check_no_overlap", "Layout"]
+__all__ = ["DecodeProblem", "DecodeArgs", "MergeProblem", "COMPUTE_DTYPES", "KV_DTYPES_FP8",
+           "ARG_NAMES", "validate", "validate_merge", "check_aliasing", "check_host_seqlens",
+           "check_no_overlap", "check_rank", "Layout", "layouts"]
 
 COMPUTE_DTYPES = (DType.float16, DType.bfloat16, DType.float32)
+KV_DTYPES_FP8 = (DType.float8_e4m3fn, DType.float8_e5m2)
 _NAMES = ", ".join(d.value for d in COMPUTE_DTYPES)
+_FP8_NAMES = ", ".join(d.value for d in KV_DTYPES_FP8)
+
+
+class _ResultShapes:
+    """Shapes of Y and LSE: one definition for both problems and every allocator."""
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        return (self.batch, self.num_heads, self.head_dim)
+
+    @property
+    def lse_shape(self) -> tuple[int, int]:
+        return (self.batch, self.num_heads)
 
 
 @dataclass(frozen=True)
-class DecodeProblem:
-    """One decode step's sizes, dtype, device and softmax scale."""
+class DecodeProblem(_ResultShapes):
+    """One decode step's sizes, dtypes, device, softmax scale and serving features.
+
+    ``kv_len`` is K's extent: the cache capacity when ``seqlens`` is set (an int32 [B] tensor
+    then comes with every run). ``k_scale``/``v_scale`` are floats fixed at plan time, or None
+    when a float32 [H_kv] tensor comes with every run. ``kv_dtype`` None means ``dtype``.
+    """
 
     batch: int
     num_heads: int
@@ -33,6 +58,17 @@ class DecodeProblem:
     dtype: DType
     scale: float
     device: Device
+    kv_dtype: DType | None = None
+    softcap: float | None = None
+    window_left: int | None = None
+    seqlens: bool = False
+    k_scale: float | None = 1.0
+    v_scale: float | None = 1.0
+    return_lse: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype is None:
+            object.__setattr__(self, "kv_dtype", self.dtype)
 
     @property
     def group_size(self) -> int:
@@ -41,14 +77,45 @@ class DecodeProblem:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of K plus V: the traffic a decode cannot avoid."""
-        return 2 * self.batch * self.num_kv_heads * self.kv_len * self.head_dim * self.dtype.itemsize
+        """Bytes of K plus V at capacity: the traffic a decode cannot avoid."""
+        return (2 * self.batch * self.num_kv_heads * self.kv_len * self.head_dim
+                * self.kv_dtype.itemsize)
 
     @classmethod
     def from_views(cls, q: TensorRef, k: TensorRef, v: TensorRef, out: TensorMut | None = None,
                    scale: float | None = None) -> "DecodeProblem":
-        """Validate views against the contract and describe the problem."""
-        return validate(q, k, v, out, scale)
+        """Validate views against the contract and describe the problem (no features)."""
+        return validate(DecodeArgs(q, k, v, out), scale=scale)
+
+
+class DecodeArgs(NamedTuple):
+    """The tensors of one decode call as views (``Backend.prepare`` gets their
+    :class:`Layout` instead); None where an argument is absent."""
+
+    q: TensorRef
+    k: TensorRef
+    v: TensorRef
+    out: TensorMut
+    seqlens: TensorRef | None = None
+    k_scale: TensorRef | None = None
+    v_scale: TensorRef | None = None
+    lse: TensorMut | None = None
+
+
+# The user's argument name for each DecodeArgs field, for error messages.
+ARG_NAMES = DecodeArgs(*(f if f != "lse" else "lse_out" for f in DecodeArgs._fields))
+
+
+@dataclass(frozen=True)
+class MergeProblem(_ResultShapes):
+    """``num_parts`` attention states of the same queries over disjoint key sets."""
+
+    num_parts: int
+    batch: int
+    num_heads: int
+    head_dim: int
+    dtype: DType
+    device: Device
 
 
 class Layout(tuple):
@@ -61,11 +128,16 @@ class Layout(tuple):
         return Layout((view.shape, view.strides, view.dtype, view.device))
 
 
+def layouts(args: DecodeArgs) -> DecodeArgs:
+    """The Layout of every present view in ``args``."""
+    return DecodeArgs(*(None if view is None else Layout.of(view) for view in args))
+
+
 def _fmt_dtype(dtype: DType | str) -> str:
     return dtype.value if isinstance(dtype, DType) else str(dtype)
 
 
-def _check_rank(name: str, view: TensorRef, rank: int, axes: str) -> None:
+def check_rank(name: str, view: TensorRef, rank: int, axes: str) -> None:
     if view.ndim != rank:
         raise ContractError(f"{name} must have rank {rank} {axes}, got rank {view.ndim} with "
                             f"shape {view.shape}")
@@ -77,64 +149,177 @@ def _check_strides(name: str, view: TensorRef) -> None:
                             f"strides >= 0 (make a copy with positive strides)")
 
 
-def _check_output_strides(view: TensorRef) -> None:
-    """The output's elements must be distinct memory: no stride 0, no overlapping axes."""
+def _check_output(name: str, view: TensorRef) -> None:
+    """An output is writable and its elements are distinct memory: no stride 0, no
+    overlapping axes."""
+    if view.readonly:
+        raise ContractError(f"{name} is read-only; pass a writable {name} or {name}=None")
     reach = 0  # elements spanned by the axes taken so far, in stride order
     for stride, extent in sorted((s, e) for e, s in zip(view.shape, view.strides) if e > 1):
         if stride == 0:
-            raise ContractError(f"out has stride 0 on an axis of extent {extent} (strides "
+            raise ContractError(f"{name} has stride 0 on an axis of extent {extent} (strides "
                                 f"{view.strides}, shape {view.shape}): threads would race "
                                 f"writing the same element")
         if stride <= reach:
-            raise ContractError(f"out has overlapping strides {view.strides} for shape "
+            raise ContractError(f"{name} has overlapping strides {view.strides} for shape "
                                 f"{view.shape}: two output elements share memory")
         reach += stride * (extent - 1)
 
 
-def check_no_overlap(out: TensorRef, others: dict[str, TensorRef]) -> None:
-    """Y must not share memory with any input (the kernel reads them while writing Y)."""
+def _check_tensor(name: str, view: TensorRef, dtype: DType, shape: tuple[int, ...], axes: str,
+                  devices: tuple[Device, ...], device_rule: str) -> None:
+    """dtype, shape and device of an auxiliary tensor (lengths, scales, LSE)."""
+    if view.dtype != dtype:
+        raise ContractError(f"{name} has dtype {_fmt_dtype(view.dtype)}; expected "
+                            f"{dtype.value}")
+    if view.shape != shape:
+        raise ContractError(f"{name} must have shape {shape} {axes}, got {view.shape}")
+    if view.device not in devices:
+        raise ContractError(f"{name} is on {view.device}; {device_rule}")
+    _check_strides(name, view)
+
+
+def check_no_overlap(name: str, out: TensorRef, others: dict[str, TensorRef | None]) -> None:
+    """An output must not share memory with anything the kernel reads or writes besides it."""
     lo, hi = out.span_bytes()
     if lo == hi:
         return
-    for name, view in others.items():
+    for other, view in others.items():
+        if view is None:
+            continue
         a, b = view.span_bytes()
         if a != b and view.device == out.device and a < hi and lo < b:
-            raise ContractError(f"out overlaps {name} in memory (out bytes [0x{lo:x}, 0x{hi:x}), "
-                                f"{name} bytes [0x{a:x}, 0x{b:x})); write Y to its own buffer")
+            raise ContractError(f"{name} overlaps {other} in memory ({name} bytes "
+                                f"[0x{lo:x}, 0x{hi:x}), {other} bytes [0x{a:x}, 0x{b:x})); "
+                                f"give {name} its own buffer")
+
+
+def check_aliasing(args: DecodeArgs) -> None:
+    """Y and LSE overlap no input and not each other."""
+    named = dict(zip(ARG_NAMES, args))
+    inputs = {n: named[n] for n in ARG_NAMES if n not in (ARG_NAMES.out, ARG_NAMES.lse)}
+    if args.out is not None:
+        check_no_overlap(ARG_NAMES.out, args.out, inputs)
+    if args.lse is not None:
+        check_no_overlap(ARG_NAMES.lse, args.lse, inputs | {ARG_NAMES.out: args.out})
+
+
+def check_host_seqlens(seqlens: TensorRef | None, kv_len: int) -> None:
+    """Lengths in host memory are checked against the capacity on every call; lengths in
+    device memory are not read here (the kernel clamps them to [0, kv_len])."""
+    if seqlens is None or seqlens.device.kind != "cpu" or seqlens.numel == 0:
+        return
+    import numpy
+
+    values = numpy.from_dlpack(seqlens)
+    bad = (values < 0) | (values > kv_len)
+    if bad.any():
+        b = int(bad.argmax())
+        raise ContractError(f"seqlens[{b}] is {int(values[b])}; every length must be in "
+                            f"[0, {kv_len}] (k's kv_len, the cache capacity)")
+
+
+def _real(name: str, value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ContractError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ContractError(f"{name} must be finite, got {result}")
+    return result
+
+
+def _positive_real(name: str, value: object, what: str) -> float:
+    result = _real(name, value, what)
+    if result <= 0:
+        raise ContractError(f"{name} must be > 0, got {result}")
+    return result
 
 
 def resolve_scale(scale: object, head_dim: int) -> float:
     """``scale`` as a finite float; ``None`` means ``1 / sqrt(head_dim)``."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, Real):
-        raise ContractError(f"scale must be a finite real number or None, got "
-                            f"{type(scale).__name__} {scale!r}")
-    value = float(scale)
-    if not math.isfinite(value):
-        raise ContractError(f"scale must be finite, got {value}")
-    return value
+    return _real("scale", scale, "a finite real number or None")
 
 
-def validate(q: TensorRef, k: TensorRef, v: TensorRef, out: TensorRef | None,
-             scale: object = None) -> DecodeProblem:
-    """Check every rule of the contract; return the problem they describe."""
-    _check_rank("q", q, 3, "[batch, num_heads, head_dim]")
-    _check_rank("k", k, 4, "[batch, num_kv_heads, kv_len, head_dim]")
-    _check_rank("v", v, 4, "[batch, num_kv_heads, kv_len, head_dim]")
-    if out is not None:
-        _check_rank("out", out, 3, "[batch, num_heads, head_dim]")
-    views = {"q": q, "k": k, "v": v} | ({"out": out} if out is not None else {})
+def _resolve_softcap(softcap: object) -> float | None:
+    if softcap is None:
+        return None
+    return _positive_real("softcap", softcap, "a finite real number > 0 or None")
 
+
+def _resolve_window(window_left: object) -> int | None:
+    if window_left is None:
+        return None
+    if isinstance(window_left, bool) or not isinstance(window_left, Integral):
+        raise ContractError(f"window_left must be an int >= 0 or None, got "
+                            f"{type(window_left).__name__} {window_left!r}")
+    if window_left < 0:
+        raise ContractError(f"window_left must be >= 0 (keys j >= L - 1 - window_left are "
+                            f"attended), got {window_left}")
+    return int(window_left)
+
+
+def _resolve_kv_scale(name: str, value: object, tensor: TensorRef | None,
+                      kv_dtype: DType) -> float | None:
+    """The float a plan fixes, or None when a per-run tensor carries the scale."""
+    if tensor is not None:
+        return None
+    if value is None:
+        if kv_dtype.is_fp8:
+            raise ContractError(f"{name} is required with fp8 k and v ({kv_dtype.value}): "
+                                f"pass a float or a float32 tensor [num_kv_heads]")
+        return 1.0
+    return _positive_real(name, value, "a finite real number > 0 or a float32 tensor "
+                                       "[num_kv_heads]")
+
+
+def _check_dtypes(args: DecodeArgs) -> None:
+    """q and out share a compute dtype; k and v share q's dtype or one fp8 dtype."""
+    q = args.q
     if q.dtype not in COMPUTE_DTYPES:
-        raise ContractError(f"q has dtype {_fmt_dtype(q.dtype)}; supported dtypes: {_NAMES}")
-    for name, view in views.items():
-        if view.dtype != q.dtype:
+        hint = (" (fp8 is for k and v only, with q in float16 or bfloat16)"
+                if q.dtype in KV_DTYPES_FP8 else "")
+        raise ContractError(f"q has dtype {_fmt_dtype(q.dtype)}; supported dtypes: "
+                            f"{_NAMES}{hint}")
+    if args.out is not None and args.out.dtype != q.dtype:
+        raise ContractError(f"out has dtype {_fmt_dtype(args.out.dtype)} but q has "
+                            f"{q.dtype.value}: q and out must share one dtype")
+    for name, view in (("k", args.k), ("v", args.v)):
+        if view.dtype == q.dtype:
+            continue
+        if view.dtype not in KV_DTYPES_FP8:
             raise ContractError(f"{name} has dtype {_fmt_dtype(view.dtype)} but q has "
-                                f"{q.dtype.value}: q, k, v and out must share one dtype")
-        if view.device != q.device:
-            raise ContractError(f"{name} is on {view.device} but q is on {q.device}: all "
-                                f"tensors must be on one device")
+                                f"{q.dtype.value}: k and v must have q's dtype or one fp8 "
+                                f"dtype ({_FP8_NAMES})")
+        if q.dtype == DType.float32:
+            raise ContractError(f"{name} has dtype {view.dtype.value} but q has float32: fp8 "
+                                f"k and v need q and out in float16 or bfloat16")
+    if args.v.dtype != args.k.dtype:
+        raise ContractError(f"v has dtype {_fmt_dtype(args.v.dtype)} but k has "
+                            f"{_fmt_dtype(args.k.dtype)}: k and v must share one dtype")
+
+
+def validate(args: DecodeArgs, *, scale: object = None, softcap: object = None,
+             window_left: object = None, k_scale: object = None, v_scale: object = None,
+             return_lse: bool = False) -> DecodeProblem:
+    """Check every rule of the contract; return the problem they describe.
+
+    ``args.out`` and ``args.lse`` may be None (allocated after validation). ``k_scale`` and
+    ``v_scale`` are the float scales; a scale tensor comes in ``args`` instead.
+    """
+    q, k, v, out = args.q, args.k, args.v, args.out
+    check_rank("q", q, 3, "[batch, num_heads, head_dim]")
+    check_rank("k", k, 4, "[batch, num_kv_heads, kv_len, head_dim]")
+    check_rank("v", v, 4, "[batch, num_kv_heads, kv_len, head_dim]")
+    if out is not None:
+        check_rank("out", out, 3, "[batch, num_heads, head_dim]")
+
+    _check_dtypes(args)
+    for name, view in (("k", k), ("v", v), ("out", out)):
+        if view is not None and view.device != q.device:
+            raise ContractError(f"{name} is on {view.device} but q is on {q.device}: q, k, v "
+                                f"and out must be on one device")
 
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, kv_len, _ = k.shape
@@ -158,13 +343,71 @@ def validate(q: TensorRef, k: TensorRef, v: TensorRef, out: TensorRef | None,
     if out is not None and out.shape != q.shape:
         raise ContractError(f"out must have the shape of q {q.shape}, got {out.shape}")
 
-    for name, view in views.items():
-        _check_strides(name, view)
-    if out is not None:
-        if out.readonly:
-            raise ContractError("out is read-only; pass a writable output or out=None")
-        _check_output_strides(out)
-        check_no_overlap(out, {"q": q, "k": k, "v": v})
+    if args.seqlens is not None:
+        _check_tensor("seqlens", args.seqlens, DType.int32, (batch,), "[batch]",
+                      (k.device, Device("cpu")),
+                      f"seqlens must be on k's device ({k.device}) or on the CPU")
+    for name, view in (("k_scale", args.k_scale), ("v_scale", args.v_scale)):
+        if view is not None:
+            _check_tensor(name, view, DType.float32, (num_kv_heads,), "[num_kv_heads]",
+                          (k.device,), f"a scale tensor must be on k's device ({k.device})")
+    if args.lse is not None:
+        _check_tensor("lse_out", args.lse, DType.float32, (batch, num_heads),
+                      "[batch, num_heads]", (q.device,), f"it must be on q's device ({q.device})")
 
-    return DecodeProblem(batch, num_heads, num_kv_heads, kv_len, head_dim, q.dtype,
-                         resolve_scale(scale, head_dim), q.device)
+    for name, view in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if view is not None:
+            _check_strides(name, view)
+    for name, view in (("out", out), ("lse_out", args.lse)):
+        if view is not None:
+            _check_output(name, view)
+    check_aliasing(args)
+    check_host_seqlens(args.seqlens, kv_len)
+
+    return DecodeProblem(
+        batch, num_heads, num_kv_heads, kv_len, head_dim, q.dtype,
+        resolve_scale(scale, head_dim), q.device, kv_dtype=k.dtype,
+        softcap=_resolve_softcap(softcap), window_left=_resolve_window(window_left),
+        seqlens=args.seqlens is not None,
+        k_scale=_resolve_kv_scale("k_scale", k_scale, args.k_scale, k.dtype),
+        v_scale=_resolve_kv_scale("v_scale", v_scale, args.v_scale, k.dtype),
+        return_lse=bool(return_lse) or args.lse is not None)
+
+
+def validate_merge(outputs: Sequence[TensorRef], lses: Sequence[TensorRef],
+                   out: TensorRef | None, lse_out: TensorRef | None) -> MergeProblem:
+    """Check N partial states ``outputs[i] [B, H, D]`` with ``lses[i] [B, H]`` float32, and
+    the optional outputs; return the merge they describe."""
+    if not outputs:
+        raise ContractError("outputs must hold at least one part (N >= 1), got none")
+    if len(lses) != len(outputs):
+        raise ContractError(f"lses holds {len(lses)} parts but outputs holds {len(outputs)}: "
+                            f"one LSE per partial output")
+    first = outputs[0]
+    check_rank("outputs[0]", first, 3, "[batch, num_heads, head_dim]")
+    if first.dtype not in COMPUTE_DTYPES:
+        raise ContractError(f"outputs[0] has dtype {_fmt_dtype(first.dtype)}; supported "
+                            f"dtypes: {_NAMES}")
+    device = first.device
+    same_device = f"every part must be on the device of outputs[0] ({device})"
+    for i, part in enumerate(outputs):
+        _check_tensor(f"outputs[{i}]", part, first.dtype, first.shape,
+                      "[batch, num_heads, head_dim] like outputs[0]", (device,), same_device)
+    lse_shape = first.shape[:2]
+    for i, part in enumerate(lses):
+        _check_tensor(f"lses[{i}]", part, DType.float32, lse_shape,
+                      "[batch, num_heads] of outputs", (device,), same_device)
+    finals = (("out", out, first.dtype, first.shape, "[batch, num_heads, head_dim]"),
+              ("lse_out", lse_out, DType.float32, lse_shape, "[batch, num_heads]"))
+    parts = {f"outputs[{i}]": p for i, p in enumerate(outputs)}
+    parts |= {f"lses[{i}]": p for i, p in enumerate(lses)}
+    for name, view, dtype, shape, axes in finals:
+        if view is None:
+            continue
+        _check_tensor(name, view, dtype, shape, axes, (device,), f"it must be on {device}")
+        _check_output(name, view)
+        check_no_overlap(name, view, parts)
+    if out is not None and lse_out is not None:
+        check_no_overlap("lse_out", lse_out, {"out": out})
+    batch, num_heads, head_dim = first.shape
+    return MergeProblem(len(outputs), batch, num_heads, head_dim, first.dtype, device)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from . import _env
-from ._contract import DecodeProblem, Layout
+from ._contract import DecodeArgs, DecodeProblem, MergeProblem
+from ._dtypes import DType
 from ._errors import BackendUnavailableError, UnsupportedError
-from ._views import TensorMut, TensorRef
+from ._views import Device, TensorMut, TensorRef
 
 __all__ = ["Backend", "Runner", "register_backend", "get_backend", "backend_names",
            "available_backends", "select_backend"]
@@ -23,8 +24,7 @@ class Runner(Protocol):
 
     workspace_bytes: int
 
-    def __call__(self, q: TensorRef, k: TensorRef, v: TensorRef, out: TensorMut,
-                 stream: int | None) -> None: ...
+    def __call__(self, args: DecodeArgs, stream: int | None) -> None: ...
 
 
 class Backend:
@@ -39,30 +39,56 @@ class Backend:
 
     def supports(self, problem: DecodeProblem) -> str | None:
         """None if it can run ``problem``, else the reason it cannot."""
-        if problem.device.kind not in self.device_kinds:
+        return self._runs_on(problem.device)
+
+    def supports_merge(self, problem: MergeProblem) -> str | None:
+        """None if it can run ``merge_states`` for ``problem``, else the reason it cannot."""
+        if type(self).merge is Backend.merge:
+            return f"the {self.name} backend does not implement merge_states"
+        return self._runs_on(problem.device)
+
+    def _runs_on(self, device: Device) -> str | None:
+        if device.kind not in self.device_kinds:
             return (f"the {self.name} backend runs on {'/'.join(self.device_kinds)} tensors, "
-                    f"these are on {problem.device}")
+                    f"these are on {device}")
         return None
 
-    def prepare(self, problem: DecodeProblem, layouts: tuple[Layout, ...], **options: Any) -> Runner:
+    def prepare(self, problem: DecodeProblem, layouts: DecodeArgs, **options: Any) -> Runner:
         """Do once what every call of this problem shares (kernel, split layout, workspace).
 
-        ``layouts`` are the (shape, strides, dtype, device) of q, k, v and out.
+        ``layouts`` holds the (shape, strides, dtype, device) :class:`Layout` of every tensor
+        argument, None where the argument is absent.
         """
         raise NotImplementedError
 
-    def allocate_output(self, problem: DecodeProblem, like: Any) -> TensorMut:
-        """Y for ``out=None`` when the inputs are neither torch nor NumPy: a flashdec-owned
-        buffer that exports ``__dlpack__``. This default serves CPU problems."""
-        if problem.device.kind != "cpu":
-            raise UnsupportedError(f"out=None with {type(like).__name__} inputs on "
-                                   f"{problem.device}: the {self.name} backend cannot allocate "
-                                   f"there; pass out=")
+    def merge(self, problem: MergeProblem, outputs: Sequence[TensorRef],
+              lses: Sequence[TensorRef], out: TensorMut, lse_out: TensorMut,
+              stream: int | None) -> None:
+        """Merge the partial states ``outputs[i]`` / ``lses[i]`` into ``out`` / ``lse_out``
+        (a stacked input arrives as views into it, one per part)."""
+        raise NotImplementedError
+
+    def allocate_output(self, problem: DecodeProblem | MergeProblem, like: Any) -> TensorMut:
+        """Y for ``out=None`` when the inputs are neither torch nor NumPy."""
+        return self.allocate_buffer(problem.device, problem.out_shape, problem.dtype, like)
+
+    def allocate_lse(self, problem: DecodeProblem | MergeProblem, like: Any) -> TensorMut:
+        """LSE for ``return_lse`` without ``lse_out`` when the inputs are neither torch nor
+        NumPy."""
+        return self.allocate_buffer(problem.device, problem.lse_shape, DType.float32, like)
+
+    def allocate_buffer(self, device: Device, shape: tuple[int, ...], dtype: DType,
+                        like: Any) -> TensorMut:
+        """A flashdec-owned row-major buffer that exports ``__dlpack__``. This default serves
+        CPU problems; a GPU backend overrides it."""
+        if device.kind != "cpu":
+            raise UnsupportedError(f"allocating a result for {type(like).__name__} inputs on "
+                                   f"{device}: the {self.name} backend cannot allocate there; "
+                                   f"pass out= (and lse_out=)")
         import numpy
 
-        shape = (problem.batch, problem.num_heads, problem.head_dim)
-        buf = numpy.empty(max(1, math.prod(shape)) * problem.dtype.itemsize, dtype=numpy.uint8)
-        return TensorMut.from_pointer(buf.ctypes.data, problem.dtype, shape, owner=buf)
+        buf = numpy.empty(max(1, math.prod(shape)) * dtype.itemsize, dtype=numpy.uint8)
+        return TensorMut.from_pointer(buf.ctypes.data, dtype, shape, owner=buf)
 
 
 # name -> factory, in auto-preference order (first match wins).
@@ -122,8 +148,15 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return result
 
 
-def select_backend(choice: str | None, problem: DecodeProblem) -> Backend:
-    """The backend for ``problem``: ``choice`` if given, else ``FLASHDEC_BACKEND``, else auto.
+def _why_not(backend: Backend, problem: DecodeProblem | MergeProblem) -> str | None:
+    if isinstance(problem, MergeProblem):
+        return backend.supports_merge(problem)
+    return backend.supports(problem)
+
+
+def select_backend(choice: str | None, problem: DecodeProblem | MergeProblem) -> Backend:
+    """The backend for ``problem`` (a decode or a merge): ``choice`` if given, else
+    ``FLASHDEC_BACKEND``, else auto.
 
     An explicit choice never falls back; auto takes the first registered backend that loads
     and supports the problem.
@@ -131,7 +164,7 @@ def select_backend(choice: str | None, problem: DecodeProblem) -> Backend:
     key = _check_name(choice if choice is not None else _env.backend_choice())
     if key != "auto":
         backend = get_backend(key)
-        why = backend.supports(problem)
+        why = _why_not(backend, problem)
         if why is not None:
             raise UnsupportedError(f"{why}{_who_can(problem, exclude=key)}")
         return backend
@@ -142,20 +175,20 @@ def select_backend(choice: str | None, problem: DecodeProblem) -> Backend:
         except BackendUnavailableError as exc:
             reasons.append(str(exc))
             continue
-        why = backend.supports(problem)
+        why = _why_not(backend, problem)
         if why is None:
             return backend
         reasons.append(why)
     raise BackendUnavailableError("no flashdec backend can run this problem: " + "; ".join(reasons))
 
 
-def _who_can(problem: DecodeProblem, exclude: str) -> str:
+def _who_can(problem: DecodeProblem | MergeProblem, exclude: str) -> str:
     able = []
     for name in _factories:
         if name == exclude:
             continue
         try:
-            if get_backend(name).supports(problem) is None:
+            if _why_not(get_backend(name), problem) is None:
                 able.append(name)
         except BackendUnavailableError:
             pass

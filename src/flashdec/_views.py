@@ -125,13 +125,30 @@ class TensorRef:
             n *= s
         return n
 
+    @property
+    def _itemsize(self) -> int:
+        """Bytes per element; 1 for a dtype flashdec does not know (its views are only
+        checked, never read)."""
+        return self.dtype.itemsize if isinstance(self.dtype, DType) else 1
+
+    def __getitem__(self, index: int) -> "TensorRef":
+        """The view of ``self[index]`` along the leading axis: same memory and owner, no copy
+        (how a stacked ``[N, ...]`` tensor is handed to a backend as N parts)."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"a view is indexed by an int along its leading axis, got "
+                            f"{type(index).__name__}")
+        if self.ndim == 0 or not 0 <= index < self.shape[0]:
+            raise IndexError(f"index {index} is out of range for shape {self.shape}")
+        return type(self)(self.ptr + index * self.strides[0] * self._itemsize, self.dtype,
+                          self.shape[1:], self.strides[1:], self.device,
+                          readonly=self.readonly, owner=self.owner)
+
     def span_bytes(self) -> tuple[int, int]:
         """[first, last) byte addresses the view can touch; empty for zero elements."""
         if self.numel == 0:
             return (self.ptr, self.ptr)
-        itemsize = self.dtype.itemsize if isinstance(self.dtype, DType) else 1
         last = sum((e - 1) * s for e, s in zip(self.shape, self.strides))
-        return (self.ptr, self.ptr + (last + 1) * itemsize)
+        return (self.ptr, self.ptr + (last + 1) * self._itemsize)
 
     def __repr__(self) -> str:
         dtype = self.dtype.value if isinstance(self.dtype, DType) else self.dtype

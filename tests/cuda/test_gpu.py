@@ -128,3 +128,88 @@ def test_second_device():
     out = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda")
     torch.cuda.synchronize(1)
     assert_close(out, q, k, v)
+
+
+def test_aligned_16bit_problems_take_the_mma_kernel():
+    from flashdec.backends.cuda._kernels import MmaSpec
+
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        q, k, v = make_qkv(1, 32, 8, 1024, 128, "bfloat16", "cuda", seed=11)
+        k, v = k.to(kv_dtype), v.to(kv_dtype)
+        scales = {} if kv_dtype == torch.bfloat16 else {"k_scale": 1.0, "v_scale": 1.0}
+        p = flashdec.plan(q, k, v, backend="cuda", **scales)
+        assert isinstance(p._runner.fast.spec, MmaSpec), p._runner.fast.spec
+
+
+def _reference(q, k, v, **features):
+    from flashdec.reference import decode_reference
+
+    seqlens = features.pop("seqlens", None)
+    if seqlens is not None:
+        features["seqlens"] = np.asarray(seqlens.cpu())
+    return decode_reference(to64(q), to64(k), to64(v), return_lse=True, **features)
+
+
+def _check(out, lse, ref):
+    from flashdec.reference import LSE_TOLERANCE, TOLERANCE, relative_error
+
+    y_ref, lse_ref = ref
+    err = relative_error(to64(out), y_ref)
+    assert err <= TOLERANCE[str(out.dtype).removeprefix("torch.")], err
+    got = lse.double().cpu().numpy()
+    assert np.array_equal(np.isneginf(got), np.isneginf(lse_ref)), "empty rows must give -inf"
+    finite = np.isfinite(lse_ref)
+    tol = LSE_TOLERANCE[str(out.dtype).removeprefix("torch.")] * np.maximum(1.0, np.abs(lse_ref[finite]))
+    assert (np.abs(got[finite] - lse_ref[finite]) <= tol).all()
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float8_e4m3fn"])
+def test_cuda_graph_replays_with_new_seqlens(kv_dtype):
+    """The split layout depends on capacity only: a captured graph stays right when the
+    contents of seqlens (and of the per-head scales) change between replays."""
+    batch, hq, hkv, cap, d = 4, 32, 8, 6000, 128
+    q, k, v = make_qkv(batch, hq, hkv, cap, d, "bfloat16", "cuda", seed=12)
+    k, v = k.to(getattr(torch, kv_dtype)), v.to(getattr(torch, kv_dtype))
+    seqlens = torch.tensor([cap, 1, 0, 3333], dtype=torch.int32, device="cuda")
+    features = {}
+    if kv_dtype != "bfloat16":
+        features = {"k_scale": torch.rand(hkv, device="cuda") + 0.5,
+                    "v_scale": torch.rand(hkv, device="cuda") + 0.5}
+    out, lse = poisoned_like(q), torch.full((batch, hq), float("nan"), device="cuda")
+    p = flashdec.plan(q, k, v, out, seqlens=seqlens, lse_out=lse, window_left=4000,
+                      backend="cuda", **features)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        p.run(q, k, v, out, seqlens=seqlens, lse_out=lse, **features)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        p.run(q, k, v, out, seqlens=seqlens, lse_out=lse, **features)
+    for lengths in ([0, 5999, 6000, 17], [4096, 4097, 1, 2], [6000] * 4, [0] * 4):
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        for s in features.values():
+            s.copy_(torch.rand(hkv, device="cuda") + 0.5)
+        out.fill_(float("nan")), lse.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, lse, _reference(q, k, v, seqlens=seqlens, window_left=4000,
+                                    **{n: s.cpu().numpy() for n, s in features.items()}))
+
+
+def test_device_seqlens_are_clamped_to_capacity():
+    q, k, v = make_qkv(3, 8, 2, 700, 64, "bfloat16", "cuda", seed=13)
+    seqlens = torch.tensor([-5, 10**6, 300], dtype=torch.int32, device="cuda")
+    out, lse = flashdec.decode(q, k, v, poisoned_like(q), seqlens=seqlens, return_lse=True,
+                               backend="cuda")
+    clamped = torch.tensor([0, 700, 300], dtype=torch.int32)
+    _check(out, lse, _reference(q, k, v, seqlens=clamped))
+
+
+def test_merge_kernel_matches_one_decode():
+    q, k, v = make_qkv(2, 32, 8, 5000, 128, "bfloat16", "cuda", seed=14)
+    cuts = [0, 1, 1200, 1200, 4999, 5000]
+    parts = [flashdec.decode(q, k[:, :, a:b], v[:, :, a:b], poisoned_like(q), return_lse=True,
+                             backend="cuda") for a, b in zip(cuts, cuts[1:])]
+    y, lse = flashdec.merge_states([o for o, _ in parts], [s for _, s in parts], backend="cuda")
+    _check(y, lse, _reference(q, k, v))

@@ -12,11 +12,19 @@ pytest.importorskip("cuda.core", reason="cuda-python is not installed (pip insta
 from flashdec._contract import DecodeProblem  # noqa: E402
 from flashdec._dtypes import DType  # noqa: E402
 from flashdec._views import Device  # noqa: E402
-from flashdec.backends.cuda import DecodeParams, precompile  # noqa: E402
+from flashdec.backends.cuda import DecodeParams, MergeParams, precompile  # noqa: E402
 from flashdec._errors import CompilationError  # noqa: E402
 from flashdec.backends.cuda._compiler import clear_memory_cache, compile_cubin, nvrtc_version  # noqa: E402
-from flashdec.backends.cuda._kernels import (MAX_SPLITS, choose_kernel, shipped_kernels,  # noqa: E402
-                                             source, split_layout, workspace_layout)
+from flashdec.backends.cuda._kernels import (MAX_SPLITS, MmaSpec, choose_kernels,  # noqa: E402
+                                             merge_kernel, shipped_kernels, source,
+                                             split_layout, workspace_layout)
+
+FAMILIES = ["float16", "bfloat16", "float32", "float16/float8_e4m3fn", "bfloat16/float8_e4m3fn",
+            "float16/float8_e5m2", "bfloat16/float8_e5m2"]
+
+
+def _family(spec) -> str:
+    return spec.dtype.value + ("" if spec.kv_dtype == spec.dtype else "/" + spec.kv_dtype.value)
 
 
 @pytest.fixture(autouse=True)
@@ -26,25 +34,39 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_every_shipped_kernel_compiles_without_fast_path_spills(arch, dtype):
-    specs = [s for s in shipped_kernels() if s.dtype.value == dtype]
-    module = compile_cubin(source(), [s.name_expression for s in specs], arch,
-                           source_name="decode.cu")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_shipped_kernel_compiles_without_fast_path_spills(arch, family):
+    """sm_90 (H100) compiles every specialization; sm_80 the ones with arch-specific code
+    (cp.async, ldmatrix, mma.sync, 16-byte loads): the element-wise kernel is plain C++."""
+    specs = [s for s in shipped_kernels() if _family(s) == family and (arch == "sm_90" or s.fast)]
+    assert specs
+    names = [s.name_expression for s in specs]
+    if "/" not in family:
+        names.append(merge_kernel(specs[0].dtype))
+    module = compile_cubin(source(), names, arch, source_name="decode.cu")
     resources = module.resources()
-    assert set(resources) == {s.name_expression for s in specs}
+    assert set(resources) == set(names)
     spilling = [f"{s.name_expression}: {resources[s.name_expression]}" for s in specs
                 if s.fast and (resources[s.name_expression].spill_stores
                                or resources[s.name_expression].spill_loads)]
     assert not spilling, "fast-path kernels spill:\n" + "\n".join(spilling)
 
 
-def test_params_struct_matches_decode_cu():
-    """decode.cu's DecodeParams has the ctypes mirror's size and field offsets."""
-    checks = [f"static_assert(sizeof(flashdec::DecodeParams) == {ctypes.sizeof(DecodeParams)}, \"size\");"]
-    for name, _ in DecodeParams._fields_:
-        offset = getattr(DecodeParams, name).offset
-        checks.append(f"static_assert(__builtin_offsetof(flashdec::DecodeParams, {name}) == {offset}, \"{name}\");")
+def test_params_structs_and_smem_sizes_match_decode_cu():
+    """decode.cu's DecodeParams and MergeParams have the ctypes mirrors' size and field
+    offsets, and every MMA kernel's dynamic shared memory is what the host passes."""
+    checks = []
+    for struct in (DecodeParams, MergeParams):
+        cname = f"flashdec::{struct.__name__}"
+        checks.append(f"static_assert(sizeof({cname}) == {ctypes.sizeof(struct)}, \"size\");")
+        for name, _ in struct._fields_:
+            offset = getattr(struct, name).offset
+            checks.append(f"static_assert(__builtin_offsetof({cname}, {name}) == {offset}, \"{name}\");")
+    for spec in shipped_kernels():
+        if isinstance(spec, MmaSpec):
+            args = spec.name_expression.split("<", 1)[1].rstrip(">").rsplit(",", 1)[0]  # no CTAS
+            checks.append(f"static_assert(flashdec::mma_smem_bytes<{args}>() == {spec.smem_bytes}, "
+                          f"\"smem {args}\");")
     text = source() + "\n" + "\n".join(checks) + "\n"
     try:
         compile_cubin(text, [], "sm_90", source_name="layout_check.cu", use_cache=False)
@@ -59,8 +81,10 @@ def test_precompile_with_explicit_arch_needs_no_gpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cuda_backend, "_compiled", {})  # kernels earlier tests compiled
     n = precompile(dtypes=["bfloat16"], head_dims=[128, 80], group_sizes=[4], arch="sm_90")
-    assert n == 3  # fast + slow path for D=128, slow path only for D=80
-    assert len(list((tmp_path / "kernels").glob("*.cubin"))) == 3
+    assert n == 4  # MMA, 16-byte SIMT and element-wise SIMT for D=128; 16-byte and element-wise for D=80
+    assert len(list((tmp_path / "kernels").glob("*.cubin"))) == 4
+    assert precompile(dtypes=["bfloat16"], kv_dtypes=["float8_e4m3fn"], head_dims=[128],
+                      group_sizes=[8], arch="sm_90") == 2  # MMA + element-wise
 
 
 def _problem(batch, hq, hkv, kv_len, d, dtype=DType.bfloat16):
@@ -73,7 +97,7 @@ def _problem(batch, hq, hkv, kv_len, d, dtype=DType.bfloat16):
 @pytest.mark.parametrize("num_splits", [None, 1, 2, 7, MAX_SPLITS])
 def test_split_layout_covers_kv_with_no_empty_split(shape, num_splits):
     problem = _problem(*shape)
-    spec = choose_kernel(problem, fast=shape[4] % 8 == 0)
+    spec = choose_kernels(problem, vector_strides=True)[0]
     split = split_layout(problem, spec, num_sms=132, num_splits=num_splits)
     assert 1 <= split.num_splits <= MAX_SPLITS
     if num_splits is not None:

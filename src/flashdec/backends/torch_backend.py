@@ -1,18 +1,23 @@
-"""The torch reference backend: any device torch runs on, fp32 math, Y written in place.
+"""The torch reference backend: any device torch runs on, fp32 math, Y (and LSE) written in place.
 
 GQA is computed by viewing Q as [B, H_kv, group, D] against K/V [B, H_kv, K_len, D], so
-repeated KV heads are never materialised. Inputs of any stride are read as they are; the
-result is copied into Y through Y's own strides.
+repeated KV heads are never materialised. Inputs of any stride are read as they are; results
+are copied into Y and LSE through their own strides. fp8 K/V are upcast to fp32; their
+per-head scales are folded into Q (for K) and into the result (for V), which is the same math
+as dequantizing every row. Keys outside ``[L - 1 - window_left, L)`` get score -inf and their
+V rows are zeroed, so whatever the cache holds there (even NaN) never reaches Y.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Sequence
 
-from .._contract import DecodeProblem
+from .._contract import DecodeArgs, DecodeProblem, MergeProblem
+from .._dtypes import DType
 from .._registry import Backend
 from .._streams import torch_current_stream
-from .._views import TensorMut, TensorRef
+from .._views import Device, TensorMut, TensorRef
 
 __all__ = ["TorchBackend"]
 
@@ -20,9 +25,27 @@ __all__ = ["TorchBackend"]
 def _as_torch(torch: Any, view: TensorRef) -> Any:
     """The torch tensor behind ``view``, without copying."""
     owner = view.owner
-    if isinstance(owner, torch.Tensor) and owner.data_ptr() == view.ptr:
+    if isinstance(owner, torch.Tensor) and owner.data_ptr() == view.ptr \
+            and tuple(owner.shape) == view.shape and owner.stride() == view.strides:
         return owner
     return torch.from_dlpack(view)
+
+
+def _on_stream(torch: Any, device: Device, stream: int | None):
+    """Run on the caller's CUDA stream when it is not torch's current one."""
+    if device.kind == "cuda" and stream is not None and \
+            stream != torch_current_stream(device.index):
+        cuda_device = torch.device("cuda", device.index)
+        return torch.cuda.stream(torch.cuda.ExternalStream(stream, device=cuda_device))
+    return contextlib.nullcontext()
+
+
+def _per_kv_head(torch: Any, planned: float | None, view: TensorRef | None) -> Any:
+    """A scale as something that broadcasts over [B, H_kv, ...]: the planned float or the
+    run's float32 [H_kv] tensor as [1, H_kv, 1, 1]."""
+    if view is None:
+        return planned
+    return _as_torch(torch, view).reshape(1, -1, 1, 1)
 
 
 class _Runner:
@@ -32,30 +55,51 @@ class _Runner:
         self.torch = torch
         self.problem = problem
 
-    def __call__(self, q: TensorRef, k: TensorRef, v: TensorRef, out: TensorMut,
-                 stream: int | None) -> None:
-        torch = self.torch
-        if self.problem.device.kind == "cuda" and stream is not None and stream != \
-                torch_current_stream(self.problem.device.index):
-            device = torch.device("cuda", self.problem.device.index)
-            with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
-                self._compute(q, k, v, out)
-        else:
-            self._compute(q, k, v, out)
+    def __call__(self, args: DecodeArgs, stream: int | None) -> None:
+        with _on_stream(self.torch, self.problem.device, stream):
+            self._compute(args)
 
-    def _compute(self, q: TensorRef, k: TensorRef, v: TensorRef, out: TensorMut) -> None:
+    def _valid_keys(self, args: DecodeArgs, device: Any) -> Any:
+        """Bool [B, 1, 1, K_len]: the keys each batch entry attends to; None when all are."""
         torch, p = self.torch, self.problem
-        y = _as_torch(torch, out)
+        if not p.seqlens and p.window_left is None:
+            return None
+        if p.seqlens:  # device values are clamped, as in the CUDA kernel
+            lengths = _as_torch(torch, args.seqlens).to(device=device, dtype=torch.int64)
+            lengths = lengths.clamp(0, p.kv_len)
+        else:
+            lengths = torch.full((p.batch,), p.kv_len, dtype=torch.int64, device=device)
+        j = torch.arange(p.kv_len, device=device)
+        valid = j < lengths[:, None]
+        if p.window_left is not None:
+            valid &= j >= (lengths - 1 - p.window_left)[:, None]
+        return valid[:, None, None, :]
+
+    def _compute(self, args: DecodeArgs) -> None:
+        torch, p = self.torch, self.problem
+        y = _as_torch(torch, args.out)
         if y.numel() == 0:
             return
         f32 = torch.float32
-        qg = _as_torch(torch, q).to(f32).reshape(p.batch, p.num_kv_heads, p.group_size, p.head_dim)
-        keys = _as_torch(torch, k).to(f32)
-        values = _as_torch(torch, v).to(f32)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)) * p.scale
-        weights = torch.softmax(scores, dim=-1)
-        result = torch.matmul(weights, values)  # zeros when kv_len == 0
-        y.copy_(result.reshape(p.batch, p.num_heads, p.head_dim))
+        qg = _as_torch(torch, args.q).to(f32).reshape(p.batch, p.num_kv_heads, p.group_size,
+                                                       p.head_dim)
+        keys = _as_torch(torch, args.k).to(f32)
+        values = _as_torch(torch, args.v).to(f32)
+        valid = self._valid_keys(args, keys.device)
+
+        scores = torch.matmul(qg * _per_kv_head(torch, p.k_scale, args.k_scale),
+                              keys.transpose(-1, -2)) * p.scale
+        if p.softcap is not None:
+            scores = torch.tanh(scores / p.softcap) * p.softcap
+        if valid is not None:
+            scores = scores.masked_fill(~valid, float("-inf"))
+            values = values.masked_fill(~valid.transpose(-1, -2), 0.0)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf where no key is attended
+        weights = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0))
+        result = torch.matmul(weights, values) * _per_kv_head(torch, p.v_scale, args.v_scale)
+        y.copy_(result.reshape(p.out_shape))
+        if args.lse is not None:
+            _as_torch(torch, args.lse).copy_(lse.reshape(p.lse_shape))
 
 
 class TorchBackend(Backend):
@@ -75,25 +119,45 @@ class TorchBackend(Backend):
     def is_available(self) -> tuple[bool, str]:
         return self._torch is not None, self._why
 
-    def supports(self, problem: DecodeProblem) -> str | None:
-        why = super().supports(problem)
-        if why is None and problem.device.kind == "cuda" and not self._torch.cuda.is_available():
+    def _runs_on(self, device: Device) -> str | None:
+        why = super()._runs_on(device)
+        if why is None and device.kind == "cuda" and not self._torch.cuda.is_available():
             why = "torch was built without CUDA or sees no GPU"
         return why
 
-    def prepare(self, problem: DecodeProblem, layouts: tuple = (), *,
+    def prepare(self, problem: DecodeProblem, layouts: DecodeArgs | None = None, *,
                 num_splits: int | None = None, **options: Any) -> _Runner:
         """``num_splits`` (a cuda backend option) changes nothing here."""
         if options:
             raise TypeError(f"unknown torch backend options: {', '.join(options)}")
         return _Runner(self._torch, problem)
 
-    def allocate_output(self, problem: DecodeProblem, like: Any) -> TensorMut:
-        if problem.device.kind == "cpu":
-            return super().allocate_output(problem, like)
+    def merge(self, problem: MergeProblem, outputs: Sequence[TensorRef],
+              lses: Sequence[TensorRef], out: TensorMut, lse_out: TensorMut,
+              stream: int | None) -> None:
+        """Weights ``exp(lse_i - max lse)`` summed in part order (deterministic), fp32."""
         torch = self._torch
-        shape = (problem.batch, problem.num_heads, problem.head_dim)
-        buf = torch.empty(shape, dtype=getattr(torch, problem.dtype.torch_name),
-                          device=str(problem.device))
-        return TensorMut.from_pointer(buf.data_ptr(), problem.dtype, shape,
-                                      device=problem.device, owner=buf)
+        with _on_stream(torch, problem.device, stream):
+            parts = [_as_torch(torch, x) for x in lses]
+            top = parts[0]
+            for lse in parts[1:]:
+                top = torch.maximum(top, lse)  # NaN propagates
+            top = top.masked_fill(top == float("-inf"), 0.0)  # all parts empty: weights 0
+            total = torch.zeros(problem.lse_shape, dtype=torch.float32, device=top.device)
+            acc = torch.zeros(problem.out_shape, dtype=torch.float32, device=top.device)
+            for y, lse in zip(outputs, parts):
+                weight = torch.exp(lse - top)
+                total += weight
+                acc += weight[..., None] * _as_torch(torch, y).to(torch.float32)
+            merged = acc / total[..., None]
+            empty = (total == 0)[..., None]
+            _as_torch(torch, out).copy_(merged.masked_fill(empty, 0.0))
+            _as_torch(torch, lse_out).copy_(top + torch.log(total))
+
+    def allocate_buffer(self, device: Device, shape: tuple[int, ...], dtype: DType,
+                        like: Any) -> TensorMut:
+        if device.kind == "cpu":
+            return super().allocate_buffer(device, shape, dtype, like)
+        torch = self._torch
+        buf = torch.empty(shape, dtype=getattr(torch, dtype.torch_name), device=str(device))
+        return TensorMut.from_pointer(buf.data_ptr(), dtype, shape, device=device, owner=buf)

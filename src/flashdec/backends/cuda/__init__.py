@@ -10,17 +10,19 @@ import sys
 import threading
 from typing import Any, Sequence
 
-from ..._contract import DecodeProblem, Layout
+from ..._contract import DecodeArgs, DecodeProblem, Layout, MergeProblem
 from ..._dtypes import DType
-from ..._errors import ContractError
+from ..._errors import ContractError, UnsupportedError
 from ..._registry import Backend
-from ..._views import TensorMut, TensorRef
+from ..._views import Device, TensorMut, TensorRef
 from . import _driver
-from ._kernels import (MAX_HEAD_DIM, MAX_SPLITS, THREADS, VECTOR_BYTES, KernelSpec,
-                       choose_kernel, group_tile_for, kernels_for, source, split_layout,
-                       workspace_layout)
+from ._kernels import (MAX_HEAD_DIM, MAX_MERGE_PARTS, MAX_SPLITS, THREADS, VECTOR_BYTES,
+                       KernelSpec, choose_kernels, kernels_for, kv_dtypes_for, merge_kernel, source,
+                       split_layout, workspace_layout)
 
 __all__ = ["CudaBackend", "precompile"]
+
+_LOG2E = 1.4426950408889634
 
 
 class DecodeParams(ctypes.Structure):
@@ -28,130 +30,202 @@ class DecodeParams(ctypes.Structure):
 
     _fields_ = [
         ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
-        ("out", ctypes.c_void_p), ("partial_o", ctypes.c_void_p),
-        ("partial_ml", ctypes.c_void_p), ("arrivals", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("seqlens", ctypes.c_void_p),
+        ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p),
+        ("partial_o", ctypes.c_void_p), ("partial_ml", ctypes.c_void_p),
+        ("arrivals", ctypes.c_void_p),
         ("q_stride", ctypes.c_int64 * 3), ("k_stride", ctypes.c_int64 * 4),
         ("v_stride", ctypes.c_int64 * 4), ("out_stride", ctypes.c_int64 * 3),
+        ("lse_stride", ctypes.c_int64 * 2), ("seqlens_stride", ctypes.c_int64),
+        ("k_scale_stride", ctypes.c_int64), ("v_scale_stride", ctypes.c_int64),
         ("kv_len", ctypes.c_int64), ("split_rows", ctypes.c_int64),
+        ("window_left", ctypes.c_int64),
         ("head_dim", ctypes.c_int32), ("group_size", ctypes.c_int32),
         ("num_group_tiles", ctypes.c_int32), ("num_splits", ctypes.c_int32),
-        ("scale_log2", ctypes.c_float),
+        ("qk_scale", ctypes.c_float), ("softcap_log2", ctypes.c_float),
+        ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
     ]
 
 
-_LOG2E = 1.4426950408889634
+class MergeParams(ctypes.Structure):
+    """Mirror of ``flashdec::MergeParams`` in decode.cu."""
 
-# compiled modules by (spec, arch); loaded functions by (spec, device index)
-_compiled: dict[tuple[KernelSpec, str], Any] = {}
-_functions: dict[tuple[KernelSpec, int], _driver.Function] = {}
+    _fields_ = [
+        ("o", ctypes.c_void_p * MAX_MERGE_PARTS), ("lse", ctypes.c_void_p * MAX_MERGE_PARTS),
+        ("o_stride", (ctypes.c_int64 * 3) * MAX_MERGE_PARTS),
+        ("lse_stride", (ctypes.c_int64 * 2) * MAX_MERGE_PARTS),
+        ("out", ctypes.c_void_p), ("lse_out", ctypes.c_void_p),
+        ("out_stride", ctypes.c_int64 * 3), ("lse_out_stride", ctypes.c_int64 * 2),
+        ("num_parts", ctypes.c_int32), ("num_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+    ]
+
+
+# compiled modules by (name expression, arch); loaded functions by (name expression, device)
+_compiled: dict[tuple[str, str], Any] = {}
+_functions: dict[tuple[str, int], _driver.Function] = {}
 _kernels_lock = threading.Lock()
 
 
-def _compile(spec: KernelSpec, arch: str):
+def _compile(name_expression: str, arch: str):
     from ._compiler import compile_cubin
 
-    key = (spec, arch)
+    key = (name_expression, arch)
     found = _compiled.get(key)
     if found is None:
-        found = compile_cubin(source(), (spec.name_expression,), arch, source_name="decode.cu")
+        found = compile_cubin(source(), (name_expression,), arch, source_name="decode.cu")
         _compiled[key] = found
     return found
 
 
-def _function(spec: KernelSpec, device: _driver.DeviceInfo) -> _driver.Function:
-    key = (spec, device.index)
+def _function(name_expression: str, device: _driver.DeviceInfo,
+              dynamic_smem: int = 0) -> _driver.Function:
+    key = (name_expression, device.index)
     found = _functions.get(key)
     if found is None:
         with _kernels_lock:
             found = _functions.get(key)
             if found is None:
-                module = _compile(spec, device.arch)
+                module = _compile(name_expression, device.arch)
                 found = _driver.load_function(device, module.cubin,
-                                              module.symbols[spec.name_expression],
-                                              spec.name_expression)
+                                              module.symbols[name_expression], name_expression,
+                                              dynamic_smem)
                 _functions[key] = found
     return found
 
 
-def _vector_ok(layout: Layout, vec: int) -> bool:
-    """16-byte loads need unit innermost stride and every other stride a multiple of vec."""
-    strides = layout[1]
-    return strides[-1] == 1 and all(s % vec == 0 for s in strides[:-1])
+def _vector_ok(layout: Layout) -> bool:
+    """16-byte row loads need unit innermost stride and every other stride a whole number of
+    16-byte units."""
+    strides, itemsize = layout[1], layout[2].itemsize
+    return strides[-1] == 1 and all(s * itemsize % VECTOR_BYTES == 0 for s in strides[:-1])
+
+
+def _device_buffer(device: _driver.DeviceInfo, nbytes: int) -> tuple[Any, int]:
+    """(owner, pointer) of ``nbytes`` of device memory: torch's caching allocator when torch
+    is loaded, else cuMemAlloc."""
+    if not nbytes:
+        return None, 0
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device.index}")
+        return buf, buf.data_ptr()
+    buf = _driver.DeviceAllocation(device, nbytes)
+    return buf, buf.ptr
+
+
+class _Launch:
+    """One kernel with its split layout, workspace and packed parameter struct."""
+
+    def __init__(self, runner: "_Runner", spec: KernelSpec, num_splits: int | None) -> None:
+        problem = runner.problem
+        self.spec = spec
+        self.split = split_layout(problem, spec, runner.device.num_sms, num_splits)
+        sizes = workspace_layout(problem, spec, self.split)
+        self.workspace_bytes = sum(sizes)
+        self._workspace, base = _device_buffer(runner.device, self.workspace_bytes)
+        self.arrivals_count = sizes[2] // 4
+        self.arrivals_ready = False
+        p = self.params = DecodeParams()
+        ctypes.memmove(ctypes.addressof(p), ctypes.addressof(runner.base_params),
+                       ctypes.sizeof(p))  # the fields every launch of this problem shares
+        if base:
+            p.partial_o, p.partial_ml, p.arrivals = base, base + sizes[0], base + sizes[0] + sizes[1]
+        p.split_rows = self.split.split_rows
+        p.num_group_tiles = self.split.num_group_tiles
+        p.num_splits = self.split.num_splits
+        self.params_array = _driver.params_pointer_array(p)
+        self.grid = (self.split.num_splits, problem.num_kv_heads * self.split.num_group_tiles,
+                     problem.batch)
+        self.fn = _function(spec.name_expression, runner.device, spec.smem_bytes)
+
+
+def _set_strides(array: Any, layout: Layout | None) -> None:
+    if layout is not None:
+        array[:] = layout[1]
 
 
 class _Runner:
-    """A prepared problem: kernel(s), split layout, workspace, and the packed params."""
+    """A prepared problem: the kernel for aligned pointers (and, made on first need, the
+    element-wise one for misaligned pointers), each with its split layout and workspace."""
 
-    def __init__(self, problem: DecodeProblem, layouts: Sequence[Layout],
-                 num_splits: int | None) -> None:
+    def __init__(self, problem: DecodeProblem, layouts: DecodeArgs, num_splits: int | None) -> None:
         self.problem = problem
         self.device = _driver.device_info(problem.device.index)
-        vec = VECTOR_BYTES // problem.dtype.itemsize
-        k_layout, v_layout = layouts[1], layouts[2]
-        self.vector_strides = (problem.head_dim % vec == 0 and _vector_ok(k_layout, vec)
-                               and _vector_ok(v_layout, vec))
-        self.fast_spec = choose_kernel(problem, fast=True) if self.vector_strides else None
-        self.slow_spec = choose_kernel(problem, fast=False)
-        spec = self.fast_spec or self.slow_spec
-        self.split = split_layout(problem, spec, self.device.num_sms, num_splits)
-        # Both specs share a group tile, so one split layout and workspace serve either.
-        sizes = workspace_layout(problem, spec, self.split)
-        self.workspace_bytes = sum(sizes)
-        self._workspace, base = self._allocate(self.workspace_bytes)
-        self._arrivals_count = sizes[2] // 4
-        self._arrivals_ready = False
-
-        p = DecodeParams()
-        p.partial_o = base or None
-        p.partial_ml = (base + sizes[0]) if base else None
-        p.arrivals = (base + sizes[0] + sizes[1]) if base else None
-        q_l, _, _, out_l = layouts
-        p.q_stride[:] = q_l[1]
-        p.k_stride[:] = k_layout[1]
-        p.v_stride[:] = v_layout[1]
-        p.out_stride[:] = out_l[1]
+        self.num_splits = num_splits
+        p = self.base_params = DecodeParams()
+        for name in ("q", "k", "v", "out", "lse"):
+            _set_strides(getattr(p, f"{name}_stride"), getattr(layouts, name))
+        for name in ("seqlens", "k_scale", "v_scale"):
+            layout = getattr(layouts, name)
+            if layout is not None:
+                setattr(p, f"{name}_stride", layout[1][0])
         p.kv_len = problem.kv_len
-        p.split_rows = self.split.split_rows
         p.head_dim = problem.head_dim
         p.group_size = problem.group_size
-        p.num_group_tiles = self.split.num_group_tiles
-        p.num_splits = self.split.num_splits
-        p.scale_log2 = problem.scale * _LOG2E
-        self.params = p
-        self._params_array = _driver.params_pointer_array(p)
-        self.grid = (self.split.num_splits, problem.num_kv_heads * self.split.num_group_tiles,
-                     problem.batch)
-        self.fast_fn = _function(self.fast_spec, self.device) if self.fast_spec else None
-        self.slow_fn = None if self.fast_spec else _function(self.slow_spec, self.device)
+        window = problem.window_left
+        p.window_left = -1 if window is None or window >= problem.kv_len else window
+        if problem.softcap is None:
+            p.qk_scale, p.softcap_log2 = problem.scale * _LOG2E, 0.0
+        else:
+            p.qk_scale, p.softcap_log2 = problem.scale / problem.softcap, problem.softcap * _LOG2E
+        p.k_scale_value = 1.0 if problem.k_scale is None else problem.k_scale
+        p.v_scale_value = 1.0 if problem.v_scale is None else problem.v_scale
 
-    def _allocate(self, nbytes: int):
-        if not nbytes:
-            return None, 0
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available():
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{self.device.index}")
-            return buf, buf.data_ptr()
-        buf = _driver.DeviceAllocation(self.device, nbytes)
-        return buf, buf.ptr
+        seqlens = layouts.seqlens
+        self.host_seqlens = seqlens is not None and seqlens[3].kind == "cpu"
+        if self.host_seqlens:  # copied to this plan's device buffer on every run
+            self._seqlens_buf, self.seqlens_ptr = _device_buffer(self.device, 4 * max(problem.batch, 1))
+            p.seqlens_stride = 1
 
-    def __call__(self, q: TensorRef, k: TensorRef, v: TensorRef, out: TensorMut,
-                 stream: int | None) -> None:
+        vector = _vector_ok(layouts.k) and _vector_ok(layouts.v)
+        fast, self.slow_spec = choose_kernels(problem, vector)
+        self.fast = _Launch(self, fast, num_splits)
+        self.slow = self.fast if fast == self.slow_spec else None
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.fast.workspace_bytes + (self.slow.workspace_bytes if self.slow not in
+                                            (None, self.fast) else 0)
+
+    def __call__(self, args: DecodeArgs, stream: int | None) -> None:
         if self.problem.batch == 0:
             return
         stream = stream or 0
-        fn = self.fast_fn
-        if fn is None or (k.ptr | v.ptr) % VECTOR_BYTES:
-            fn = self.slow_fn
-            if fn is None:  # a misaligned pointer under a plan made for aligned ones
-                fn = self.slow_fn = _function(self.slow_spec, self.device)
-        if not self._arrivals_ready and self._arrivals_count:
-            _driver.memset32_async(self.device, self.params.arrivals, 0, self._arrivals_count,
-                                   stream)
-            self._arrivals_ready = True
-        p = self.params
-        p.q, p.k, p.v, p.out = q.ptr, k.ptr, v.ptr, out.ptr
-        _driver.launch(self.device, fn, self.grid, THREADS, stream,
-                       ctypes.addressof(self._params_array))
+        launch = self.fast
+        if (args.k.ptr | args.v.ptr) % VECTOR_BYTES:  # a misaligned view under an aligned plan
+            launch = self.slow
+            if launch is None:
+                launch = self.slow = _Launch(self, self.slow_spec, self.num_splits)
+        if not launch.arrivals_ready and launch.arrivals_count:
+            _driver.memset32_async(self.device, launch.params.arrivals, 0,
+                                   launch.arrivals_count, stream)
+            launch.arrivals_ready = True
+        p = launch.params
+        p.q, p.k, p.v, p.out = args.q.ptr, args.k.ptr, args.v.ptr, args.out.ptr
+        p.lse = args.lse.ptr if args.lse is not None else None
+        p.k_scale = args.k_scale.ptr if args.k_scale is not None else None
+        p.v_scale = args.v_scale.ptr if args.v_scale is not None else None
+        if args.seqlens is None:
+            p.seqlens = None
+        elif self.host_seqlens:
+            self._upload_seqlens(args.seqlens, stream)
+            p.seqlens = self.seqlens_ptr
+        else:
+            p.seqlens = args.seqlens.ptr
+        _driver.launch(self.device, launch.fn, launch.grid, THREADS, stream,
+                       ctypes.addressof(launch.params_array))
+
+    def _upload_seqlens(self, seqlens: TensorRef, stream: int) -> None:
+        import numpy
+
+        n, stride = seqlens.shape[0], seqlens.strides[0]
+        raw = (ctypes.c_int32 * ((n - 1) * stride + 1)).from_address(seqlens.ptr) if n else []
+        values = numpy.ascontiguousarray(numpy.ctypeslib.as_array(raw)[::stride] if n else
+                                         numpy.zeros(0), dtype=numpy.int32)
+        self._host_copy = values  # alive until the copy has run (pageable: copied at once)
+        _driver.copy_to_device_async(self.device, self.seqlens_ptr, values.ctypes.data,
+                                     values.nbytes, stream)
 
 
 class CudaBackend(Backend):
@@ -175,7 +249,7 @@ class CudaBackend(Backend):
             why = f"the cuda backend supports head_dim <= {MAX_HEAD_DIM}, got {problem.head_dim}"
         return why
 
-    def prepare(self, problem: DecodeProblem, layouts: Sequence[Layout] = (),
+    def prepare(self, problem: DecodeProblem, layouts: DecodeArgs,
                 num_splits: int | None = None, **options: Any) -> _Runner:
         if options:
             raise TypeError(f"unknown cuda backend options: {', '.join(options)}")
@@ -184,34 +258,65 @@ class CudaBackend(Backend):
             raise ContractError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
         return _Runner(problem, layouts, num_splits)
 
-    def allocate_output(self, problem: DecodeProblem, like: Any) -> TensorMut:
+    def allocate_buffer(self, device: Device, shape: tuple[int, ...], dtype: DType,
+                        like: Any) -> TensorMut:
         """A flashdec-owned device buffer exporting ``__dlpack__`` (read-only producers such
         as JAX cannot be written to; hand the result to ``jax.numpy.from_dlpack``)."""
+        info = _driver.device_info(device.index)
+        alloc = _driver.DeviceAllocation(info, math.prod(shape) * dtype.itemsize)
+        return TensorMut.from_pointer(alloc.ptr, dtype, shape, device=device, owner=alloc)
+
+    def supports_merge(self, problem: MergeProblem) -> str | None:
+        why = super().supports_merge(problem)
+        if why is None and problem.num_parts > MAX_MERGE_PARTS:
+            why = (f"the cuda merge_states kernel takes at most {MAX_MERGE_PARTS} parts, got "
+                   f"{problem.num_parts}")
+        return why
+
+    def merge(self, problem: MergeProblem, outputs: Sequence[TensorRef], lses: Sequence[TensorRef],
+              out: TensorMut, lse_out: TensorMut, stream: int | None) -> None:
+        if problem.num_parts > MAX_MERGE_PARTS:
+            raise UnsupportedError(self.supports_merge(problem))
+        if problem.batch * problem.num_heads == 0:
+            return
         device = _driver.device_info(problem.device.index)
-        shape = (problem.batch, problem.num_heads, problem.head_dim)
-        alloc = _driver.DeviceAllocation(device, math.prod(shape) * problem.dtype.itemsize)
-        return TensorMut.from_pointer(alloc.ptr, problem.dtype, shape, device=problem.device,
-                                      owner=alloc)
+        p = MergeParams()
+        for i, (o, lse) in enumerate(zip(outputs, lses)):
+            p.o[i], p.lse[i] = o.ptr, lse.ptr
+            p.o_stride[i][:] = o.strides
+            p.lse_stride[i][:] = lse.strides
+        p.out, p.lse_out = out.ptr, lse_out.ptr
+        p.out_stride[:] = out.strides
+        p.lse_out_stride[:] = lse_out.strides
+        p.num_parts, p.num_heads, p.head_dim = problem.num_parts, problem.num_heads, problem.head_dim
+        fn = _function(merge_kernel(problem.dtype), device)
+        array = _driver.params_pointer_array(p)
+        _driver.launch(device, fn, (problem.batch * problem.num_heads, 1, 1), THREADS, stream or 0,
+                       ctypes.addressof(array))
 
 
 def precompile(dtypes: Sequence[str | DType] = ("float16", "bfloat16", "float32"),
                head_dims: Sequence[int] = (64, 128, 256), group_sizes: Sequence[int] = (1, 2, 4, 8),
-               arch: str | None = None) -> int:
+               kv_dtypes: Sequence[str | DType] | None = None, arch: str | None = None) -> int:
     """Compile ahead of time the kernels these problems select, into the disk cache.
 
-    With ``arch`` (e.g. ``"sm_90"``) no GPU is needed; without it, device 0's arch is used.
-    Returns the number of kernels compiled or found in the cache.
+    ``kv_dtypes`` defaults to each dtype itself; pass e.g. ``["float8_e4m3fn"]`` for an fp8
+    cache. With ``arch`` (e.g. ``"sm_90"``) no GPU is needed; without it, device 0's arch is
+    used. Returns the number of kernels compiled or found in the cache.
     """
     if arch is None:
         arch = _driver.device_info(0).arch
-    specs = set()
-    for dtype in dtypes:
-        dt = dtype if isinstance(dtype, DType) else DType(str(dtype).removeprefix("torch."))
-        for d in head_dims:
-            if not 1 <= d <= MAX_HEAD_DIM:
-                raise ContractError(f"head_dims: {d} is outside 1..{MAX_HEAD_DIM}")
-            for g in group_sizes:
-                specs |= kernels_for(dt, d, group_tile_for(g))
-    for spec in specs:
-        _compile(spec, arch)
-    return len(specs)
+    parse = lambda x: x if isinstance(x, DType) else DType(str(x).removeprefix("torch."))  # noqa: E731
+    names = set()
+    for dtype in map(parse, dtypes):
+        for kv in ([dtype] if kv_dtypes is None else map(parse, kv_dtypes)):
+            if kv not in kv_dtypes_for(dtype):
+                continue  # e.g. float32 q with an fp8 cache: not a valid problem
+            for d in head_dims:
+                if not 1 <= d <= MAX_HEAD_DIM:
+                    raise ContractError(f"head_dims: {d} is outside 1..{MAX_HEAD_DIM}")
+                for g in group_sizes:
+                    names |= {s.name_expression for s in kernels_for(dtype, kv, d, g)}
+    for name in names:
+        _compile(name, arch)
+    return len(names)

@@ -16,7 +16,8 @@ from typing import Any
 from ..._errors import BackendUnavailableError, CudaError
 
 __all__ = ["driver", "check", "init", "DeviceInfo", "device_info", "Function", "load_function",
-           "launch", "DeviceAllocation", "memset32_async", "ContextGuard"]
+           "launch", "DeviceAllocation", "memset32_async", "copy_to_device_async",
+           "ContextGuard", "params_pointer_array"]
 
 try:
     from cuda.bindings import driver
@@ -137,15 +138,23 @@ class Function:
     handle: Any          # CUfunction in the device's primary context
     name: str            # the name expression, for error messages
     module: Any          # keeps the CUmodule referenced
+    dynamic_smem: int = 0  # bytes of dynamic shared memory every launch passes
 
 
-def load_function(device: DeviceInfo, cubin: bytes, lowered_name: str, name: str) -> Function:
+def load_function(device: DeviceInfo, cubin: bytes, lowered_name: str, name: str,
+                  dynamic_smem: int = 0) -> Function:
+    """Load ``cubin`` and get one kernel, allowed ``dynamic_smem`` bytes of dynamic shared
+    memory (above 48 KB the driver needs the opt-in attribute)."""
     with ContextGuard(device):
         err, module = driver.cuModuleLoadData(cubin)
         check(err, f"cuModuleLoadData({name}) on device {device.index}")
         err, func = driver.cuModuleGetFunction(module, lowered_name.encode())
         check(err, f"cuModuleGetFunction({name})")
-    return Function(func, name, module)
+        if dynamic_smem:
+            attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            check(driver.cuFuncSetAttribute(func, attr, dynamic_smem)[0],
+                  f"cuFuncSetAttribute({name}, {dynamic_smem} bytes of shared memory)")
+    return Function(func, name, module, dynamic_smem)
 
 
 def launch(device: DeviceInfo, func: Function, grid: tuple[int, int, int], block: int,
@@ -153,8 +162,9 @@ def launch(device: DeviceInfo, func: Function, grid: tuple[int, int, int], block
     """Launch ``func`` with one by-value struct argument whose address array is at
     ``params_address`` (a ``void*[1]``), on ``stream`` of ``device``."""
     with ContextGuard(device):
-        (result,) = driver.cuLaunchKernel(func.handle, grid[0], grid[1], grid[2], block, 1, 1, 0,
-                                          driver.CUstream(stream), params_address, 0)
+        (result,) = driver.cuLaunchKernel(func.handle, grid[0], grid[1], grid[2], block, 1, 1,
+                                          func.dynamic_smem, driver.CUstream(stream),
+                                          params_address, 0)
     if result != driver.CUresult.CUDA_SUCCESS:
         name = _name(result)
         raise CudaError(f"cuLaunchKernel({func.name}) grid {grid} on device {device.index} "
@@ -189,6 +199,15 @@ def memset32_async(device: DeviceInfo, ptr: int, value: int, count: int, stream:
         with ContextGuard(device):
             check(driver.cuMemsetD32Async(ptr, value, count, driver.CUstream(stream))[0],
                   "cuMemsetD32Async")
+
+
+def copy_to_device_async(device: DeviceInfo, dst: int, src_address: int, nbytes: int,
+                         stream: int) -> None:
+    """Host memory at ``src_address`` -> device ``dst``, ordered on ``stream``."""
+    if nbytes:
+        with ContextGuard(device):
+            check(driver.cuMemcpyHtoDAsync(dst, src_address, nbytes, driver.CUstream(stream))[0],
+                  "cuMemcpyHtoDAsync")
 
 
 def params_pointer_array(struct: ctypes.Structure) -> ctypes.Array:

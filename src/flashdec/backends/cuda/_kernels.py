@@ -1,7 +1,9 @@
 """Which specialization of ``decode.cu`` serves a problem, and the split layout it runs with.
 
-Everything here is host arithmetic with no driver calls, so CI can enumerate and compile every
-shipped specialization without a GPU.
+Two kernel families (see decode.cu's header): the MMA kernel for 16-bit Q with 16-bit or fp8
+K/V, head_dim a multiple of 64 and 16-byte aligned rows; the SIMT kernel for everything else.
+Everything here is host arithmetic with no driver calls, so CI can enumerate and compile
+every shipped specialization without a GPU.
 """
 
 from __future__ import annotations
@@ -13,16 +15,25 @@ from importlib import resources
 from ..._contract import DecodeProblem
 from ..._dtypes import DType
 
-__all__ = ["KernelSpec", "SplitLayout", "THREADS", "MAX_SPLITS", "MAX_HEAD_DIM", "source",
-           "choose_kernel", "kernels_for", "shipped_kernels", "split_layout", "workspace_layout"]
+__all__ = ["MmaSpec", "SimtSpec", "KernelSpec", "SplitLayout", "THREADS", "MAX_SPLITS",
+           "MAX_HEAD_DIM", "MAX_MERGE_PARTS", "VECTOR_BYTES", "source", "choose_kernels",
+           "kernels_for", "shipped_kernels", "split_layout", "workspace_layout", "merge_kernel"]
 
 THREADS = 128          # kThreads in decode.cu
+WARPS = THREADS // 32
 MAX_SPLITS = 128       # kMaxSplits in decode.cu
+MAX_MERGE_PARTS = 32   # kMaxMergeParts in decode.cu
 MAX_HEAD_DIM = 256
-MAX_GROUP_TILE = 8     # query heads one CTA serves; larger groups take several tiles
+MMA_HEADS = 16         # kMmaHeads: query heads per MMA group tile (mma M)
+BLOCK_ROWS = 16        # kBlockRows: KV rows per warp per ring stage
+MAX_SIMT_GROUP_TILE = 8
 VECTOR_BYTES = 16
-CTAS_PER_SM = 4        # resident 128-thread CTAs per SM a split layout aims to fill
 MIN_SPLIT_ROWS = 128   # below this a split's fixed costs (Q load, merge) outweigh its rows
+WAVE_EFFICIENCY = 0.85  # more splits than needed to reach this cost partials and merge work
+SMEM_PER_SM = 228 * 1024   # sm_80 / sm_90 shared memory per SM (227 KB at most per CTA)
+SMEM_RESERVED = 2 * 1024   # per CTA: the 1 KB the driver reserves, and slack
+MMA_DTYPES = (DType.float16, DType.bfloat16)
+FP8_DTYPES = (DType.float8_e4m3fn, DType.float8_e5m2)
 
 
 def source() -> str:
@@ -34,20 +45,54 @@ def _pow2_at_least(n: int) -> int:
 
 
 @dataclass(frozen=True)
-class KernelSpec:
-    """One template instantiation of ``flashdec::decode_kernel``."""
+class MmaSpec:
+    """One instantiation of ``flashdec::decode_mma_kernel<T, KV, D, STAGES, CTAS>``."""
 
     dtype: DType
+    kv_dtype: DType
+    head_dim: int
+    stages: int
+    ctas_per_sm: int   # resident CTAs per SM the ring is sized for (__launch_bounds__)
+
+    fast = True
+    group_tile = MMA_HEADS
+    rows_per_tile = WARPS * BLOCK_ROWS   # rows the CTA consumes per ring step
+
+    @property
+    def name_expression(self) -> str:
+        return (f"flashdec::decode_mma_kernel<{self.dtype.ctype}, {self.kv_dtype.ctype}, "
+                f"{self.head_dim}, {self.stages}, {self.ctas_per_sm}>")
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory: MmaSmem<...>::kBytes in decode.cu (a CI test checks)."""
+        d, kv = self.head_dim, self.kv_dtype.itemsize
+        widen = kv != self.dtype.itemsize
+        ring = WARPS * self.stages * 2 * BLOCK_ROWS * d * kv
+        wide = WARPS * 2 * BLOCK_ROWS * d * 2 if widen else 0
+        merge = (MAX_SPLITS + 1) * MMA_HEADS * 4 + 4
+        state = WARPS * MMA_HEADS * (d + 2) * 4 + merge
+        return MMA_HEADS * d * 2 + max(ring + wide, state)
+
+
+@dataclass(frozen=True)
+class SimtSpec:
+    """One instantiation of ``flashdec::decode_simt_kernel<T, KV, VEC, TPR, NCH, GT, ROWS>``."""
+
+    dtype: DType
+    kv_dtype: DType
     vec: int        # elements per load: 16 bytes (fast path) or 1 (any stride / alignment)
     tpr: int        # lanes per KV row
     nch: int        # chunks of `vec` elements per lane
     group_tile: int
     rows: int       # KV rows per thread group per tile
 
+    smem_bytes = 0  # static shared memory only
+
     @property
     def name_expression(self) -> str:
-        return (f"flashdec::decode_kernel<{self.dtype.ctype}, {self.vec}, {self.tpr}, "
-                f"{self.nch}, {self.group_tile}, {self.rows}>")
+        return (f"flashdec::decode_simt_kernel<{self.dtype.ctype}, {self.kv_dtype.ctype}, "
+                f"{self.vec}, {self.tpr}, {self.nch}, {self.group_tile}, {self.rows}>")
 
     @property
     def fast(self) -> bool:
@@ -55,68 +100,132 @@ class KernelSpec:
 
     @property
     def rows_per_tile(self) -> int:
-        """KV rows the whole CTA consumes per loop iteration."""
         return THREADS // self.tpr * self.rows
 
+    @property
+    def ctas_per_sm(self) -> int:
+        """min_ctas_per_sm<GT, VEC, NCH>() in decode.cu."""
+        return 2 if self.vec == 1 or self.group_tile * self.vec * self.nch >= 32 else 3
 
-def _make(dtype: DType, vec: int, head_dim: int, group_tile: int) -> KernelSpec:
+
+KernelSpec = MmaSpec | SimtSpec
+
+
+def _mma_ctas_per_sm(kv_dtype: DType, head_dim: int) -> int:
+    """More resident warps hide more of each warp's per-block latency; the ring (at least two
+    stages a warp) and the fp8 widening buffer bound how many CTAs fit."""
+    if head_dim > 128:
+        return 1
+    if head_dim <= 64:
+        return 4
+    return 2 if kv_dtype.itemsize == 1 else 3
+
+
+def _mma(dtype: DType, kv_dtype: DType, head_dim: int) -> MmaSpec:
+    """The MMA kernel with as many ring stages as its CTAs-per-SM budget allows (2..8)."""
+    d, kv = head_dim, kv_dtype.itemsize
+    ctas = _mma_ctas_per_sm(kv_dtype, d)
+    fixed = MMA_HEADS * d * 2 + (WARPS * 2 * BLOCK_ROWS * d * 2 if kv != dtype.itemsize else 0)
+    stage = WARPS * 2 * BLOCK_ROWS * d * kv
+    stages = max(2, min(8, (SMEM_PER_SM // ctas - SMEM_RESERVED - fixed) // stage))
+    return MmaSpec(dtype, kv_dtype, d, stages, ctas)
+
+
+def _simt(dtype: DType, kv_dtype: DType, vec: int, head_dim: int, group_tile: int) -> SimtSpec:
+    """16-byte chunks spread over the fewest power-of-two lanes that cover a row; the
+    element-wise path always uses a whole warp per row (fewer specializations to ship)."""
     chunks = math.ceil(head_dim / vec)
-    tpr = min(32, _pow2_at_least(chunks))
+    tpr = min(32, _pow2_at_least(chunks)) if vec > 1 else 32
     nch = math.ceil(chunks / tpr)
     rows = 2 if group_tile * nch * vec >= 64 else 4  # keeps registers <= 255 with no spills
-    return KernelSpec(dtype, vec, tpr, nch, group_tile, rows)
+    return SimtSpec(dtype, kv_dtype, vec, tpr, nch, group_tile, rows)
 
 
-def group_tile_for(group_size: int) -> int:
-    return min(MAX_GROUP_TILE, _pow2_at_least(group_size))
+def _simt_group_tile(group_size: int) -> int:
+    return min(MAX_SIMT_GROUP_TILE, _pow2_at_least(group_size))
 
 
-def choose_kernel(problem: DecodeProblem, fast: bool) -> KernelSpec:
-    vec = VECTOR_BYTES // problem.dtype.itemsize if fast else 1
-    return _make(problem.dtype, vec, problem.head_dim, group_tile_for(problem.group_size))
+def _mma_fits(dtype: DType, head_dim: int) -> bool:
+    return dtype in MMA_DTYPES and head_dim % 64 == 0 and head_dim <= MAX_HEAD_DIM
 
 
-def kernels_for(dtype: DType, head_dim: int, group_tile: int) -> set[KernelSpec]:
-    """The element-wise kernel for this problem shape, plus the 16-byte one when D allows it."""
+def choose_kernels(problem: DecodeProblem, vector_strides: bool) -> tuple[KernelSpec, SimtSpec]:
+    """(kernel for 16-byte aligned K/V pointers, element-wise kernel for any pointer).
+
+    ``vector_strides``: K and V have unit innermost stride and every other stride a multiple
+    of 16 bytes, so aligned base pointers make every row 16-byte aligned.
+    """
+    dtype, kv, d = problem.dtype, problem.kv_dtype, problem.head_dim
+    slow = _simt(dtype, kv, 1, d, _simt_group_tile(problem.group_size))
+    if vector_strides and _mma_fits(dtype, d):
+        return _mma(dtype, kv, d), slow
     vec = VECTOR_BYTES // dtype.itemsize
-    specs = {_make(dtype, 1, head_dim, group_tile)}
-    if head_dim % vec == 0:
-        specs.add(_make(dtype, vec, head_dim, group_tile))
+    if vector_strides and kv == dtype and d % vec == 0:
+        return _simt(dtype, kv, vec, d, slow.group_tile), slow
+    return slow, slow
+
+
+def kernels_for(dtype: DType, kv_dtype: DType, head_dim: int, group_size: int) -> set[KernelSpec]:
+    """Every kernel a problem of this shape can select (any layout, any pointer)."""
+    group_tile = _simt_group_tile(group_size)
+    specs = {_simt(dtype, kv_dtype, 1, head_dim, group_tile)}
+    if _mma_fits(dtype, head_dim):
+        specs.add(_mma(dtype, kv_dtype, head_dim))
+    vec = VECTOR_BYTES // dtype.itemsize
+    if kv_dtype == dtype and head_dim % vec == 0:
+        specs.add(_simt(dtype, kv_dtype, vec, head_dim, group_tile))
     return specs
 
 
+def kv_dtypes_for(dtype: DType) -> tuple[DType, ...]:
+    return (dtype, *FP8_DTYPES) if dtype in MMA_DTYPES else (dtype,)
+
+
 def shipped_kernels() -> list[KernelSpec]:
-    """Every specialization a problem can select: per dtype, head_dim bucket and group tile."""
-    specs = set()
+    """Every specialization a problem can select: per dtype pair, head_dim and group tile."""
+    specs: set[KernelSpec] = set()
     for dtype in (DType.float16, DType.bfloat16, DType.float32):
-        for gt in (1, 2, 4, 8):
-            for d in range(1, MAX_HEAD_DIM + 1):
-                specs |= kernels_for(dtype, d, gt)
-    return sorted(specs, key=lambda s: (s.dtype.value, s.vec, s.tpr, s.nch, s.group_tile))
+        for kv in kv_dtypes_for(dtype):
+            for group in (1, 2, 4, 8):
+                for d in range(1, MAX_HEAD_DIM + 1):
+                    specs |= kernels_for(dtype, kv, d, group)
+    return sorted(specs, key=lambda s: s.name_expression)
+
+
+def merge_kernel(dtype: DType) -> str:
+    """Name expression of merge_states_kernel for outputs of ``dtype``."""
+    return f"flashdec::merge_states_kernel<{dtype.ctype}>"
 
 
 @dataclass(frozen=True)
 class SplitLayout:
-    """How the KV sequence is cut: ``num_splits`` chunks of ``split_rows`` (none empty)."""
+    """How the KV capacity is cut: ``num_splits`` chunks of ``split_rows`` (none empty)."""
 
     num_splits: int
     split_rows: int
     num_group_tiles: int
 
 
+def _wave_efficiency(ctas: int, wave: int) -> float:
+    return ctas / (math.ceil(ctas / wave) * wave)
+
+
 def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
                  num_splits: int | None = None) -> SplitLayout:
-    """Splits so that the grid fills about CTAS_PER_SM waves of the GPU, with every split
-    at least two tiles long; ``num_splits`` (1..MAX_SPLITS) overrides the count."""
+    """The fewest splits whose wave efficiency is within WAVE_EFFICIENCY of the best, every split
+    at least MIN_SPLIT_ROWS rows and a whole number of CTA tiles; ``num_splits`` (1..MAX_SPLITS)
+    overrides the count. Depends on the capacity K_len only, never on live ``seqlens``."""
     tiles = math.ceil(problem.group_size / spec.group_tile)
     kv_len = problem.kv_len
-    if kv_len == 0:
-        return SplitLayout(1, 1, tiles)
+    base = problem.batch * problem.num_kv_heads * tiles
+    if kv_len == 0 or base == 0:
+        return SplitLayout(1, max(kv_len, 1), tiles)
     if num_splits is None:
-        base = problem.batch * problem.num_kv_heads * tiles
-        wanted = max(1, math.ceil(num_sms * CTAS_PER_SM / max(base, 1)))
-        min_rows = max(2 * spec.rows_per_tile, MIN_SPLIT_ROWS)
-        wanted = min(wanted, MAX_SPLITS, max(1, kv_len // min_rows))
+        wave = num_sms * spec.ctas_per_sm
+        most = max(1, min(MAX_SPLITS, kv_len // MIN_SPLIT_ROWS))
+        effs = [_wave_efficiency(base * s, wave) for s in range(1, most + 1)]
+        best = max(effs)
+        wanted = next(s for s, e in enumerate(effs, 1) if e >= WAVE_EFFICIENCY * best)
         rows = math.ceil(kv_len / wanted)
         rows = math.ceil(rows / spec.rows_per_tile) * spec.rows_per_tile
     else:

@@ -1,56 +1,85 @@
 // flashdec split-K decode attention (FlashDecoding) for one query token per head, with GQA.
 //
-// Computes, for every batch b and query head h of KV head g = h / group_size,
-//     Y[b, h] = softmax(scale * Q[b, h] . K[b, g]^T) . V[b, g]
-// Grid: x = split of the KV sequence, y = kv_head * num_group_tiles + group tile, z = batch.
-// One CTA (kThreads threads) serves GT query heads of one KV head over one split, so each
-// K/V row is read from HBM once for the whole group tile (once in all when group <= 8).
+// For batch b, query head h of KV head g = h / group_size and the keys j in [lo_b, hi_b):
+//     s_j = scale * k_scale[g] * Q[b, h] . K[b, g, j]          (softcap * tanh(s_j / softcap))
+//     Y[b, h] = v_scale[g] * sum_j softmax(s)_j V[b, g, j],    LSE[b, h] = log sum_j exp(s_j)
+// hi_b = clamp(seqlens[b], 0, kv_len) (kv_len without seqlens), lo_b = hi_b - 1 - window_left
+// (0 without a window). Grid: x = split of the KV capacity, y = kv_head * num_group_tiles +
+// group tile, z = batch. A CTA serves every query head of its group tile, so each K/V row is
+// read from HBM once for the whole tile. Softmax runs online in base 2 (scores carry log2 e).
 //
-// Block mapping: the CTA is cut into NG = kThreads / TPR thread groups of TPR lanes. A thread
-// group owns ROWS consecutive KV rows per tile; lane `lane` of it holds NCH chunks of VEC
-// contiguous elements of a row (element e = (c * TPR + lane) * VEC + i), so a 128-wide bf16
-// row is 16 lanes x one 16-byte load. Per tile a thread keeps ROWS x NCH x VEC elements of K
-// and of V in registers (all loads issued before the first use), GT x NCH x VEC of Q (pre-
-// scaled by scale * log2(e)) and of the fp32 output accumulator, and GT running (max, sum).
-// Scores are reduced across the TPR lanes with xor shuffles; softmax runs online in base 2.
+// Two kernels share the parameters and the epilogue:
+// - decode_mma_kernel (16-bit Q, K/V 16-bit or fp8, head_dim a multiple of 64, 16-byte
+//   aligned rows with unit innermost stride): each of the 4 warps streams its own 16-row
+//   blocks of K and V through a private cp.async ring of STAGES blocks (no CTA barrier in the
+//   loop), and computes S = Q K^T and O += P V with mma.sync m16n8k16, the group tile's 16
+//   query heads in M (rows past the group are zero). fp8 blocks are widened to Q's type in a
+//   per-warp buffer before the MMAs. P is rounded to Q's type for the MMA and the softmax sum
+//   adds the rounded values, so Y is an exact weighted mean of V under slightly moved weights.
+// - decode_simt_kernel (everything else: fp32, any stride or alignment, any head_dim):
+//   thread groups of TPR lanes own ROWS consecutive rows per tile in registers; lane `lane`
+//   holds NCH chunks of VEC elements of a row; scores reduce with xor shuffles.
 //
-// Merges: the NG thread-group states merge in shared memory in group order. With one split
-// the CTA writes Y. With several, each CTA writes its fp32 partial (o, max, sum) to the
-// workspace and the last CTA of a (batch, kv_head, tile) to arrive (an integer counter that
-// it resets, so CUDA-graph replays work) merges the partials in split order: deterministic.
-// NaN in Q propagates to its head: maxima use a NaN-keeping max and -inf guards compare
-// with ==, which NaN fails. Memory traffic per CTA: its rows of K and V once, Q once,
-// GT x D outputs (or partials).
+// Epilogue (finish): the per-warp / per-thread-group states merge in shared memory in a fixed
+// order. With one split the CTA writes Y (and LSE). With several, each CTA writes its fp32
+// partial (o, max, sum) to the workspace and the last CTA of a (batch, kv_head, tile) to arrive
+// (an integer counter that it resets, so CUDA-graph replays work) merges them in split order:
+// deterministic. NaN in Q reaches its head: maxima keep NaN and -inf guards compare with ==.
+//
+// merge_states_kernel combines N partial states (Y_i, LSE_i) of the same queries over disjoint
+// keys, one CTA per (b, h), parts in index order.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 namespace flashdec {
 
 constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
 constexpr int kMaxSplits = 128;
+constexpr int kMmaHeads = 16;     // query heads per group tile of the MMA kernel (mma M)
+constexpr int kBlockRows = 16;    // KV rows per warp per ring stage (mma K of the P V product)
+constexpr int kMaxMergeParts = 32;
 #define FLASHDEC_NEG_INF (-__int_as_float(0x7f800000))
+#define FLASHDEC_LN2 0.6931471805599453f
 
 struct DecodeParams {
     const void* q;
     const void* k;
     const void* v;
     void* out;
-    float* partial_o;     // [slots][num_splits][GT][head_dim]
-    float* partial_ml;    // [slots][num_splits][GT][2] (max, sum), base-2 logits
-    int* arrivals;        // [slots], zero between launches
+    float* lse;            // [B, H_q] natural-log LSE, or null
+    const int* seqlens;    // [B] live rows per batch entry, or null (all kv_len rows)
+    const float* k_scale;  // [H_kv] or null
+    const float* v_scale;  // [H_kv] or null
+    float* partial_o;      // [slots][num_splits][GT][head_dim]
+    float* partial_ml;     // [slots][num_splits][GT][2] (max, sum), base-2 logits
+    int* arrivals;         // [slots], zero between launches
     long long q_stride[3];
     long long k_stride[4];
     long long v_stride[4];
     long long out_stride[3];
-    long long kv_len;
+    long long lse_stride[2];
+    long long seqlens_stride;
+    long long k_scale_stride;
+    long long v_scale_stride;
+    long long kv_len;      // capacity: the split layout covers it
     long long split_rows;
+    long long window_left; // < 0: no window
     int head_dim;
     int group_size;
     int num_group_tiles;
     int num_splits;
-    float scale_log2;     // scale * log2(e)
+    float qk_scale;        // scale * log2(e); scale / softcap with a softcap
+    float softcap_log2;    // softcap * log2(e); 0: no softcap
+    float k_scale_value;   // multiplies k_scale[g] (or alone when k_scale is null)
+    float v_scale_value;
 };
+
+// ---------------------------------------------------------------------------------------
+// Shared pieces
+// ---------------------------------------------------------------------------------------
 
 template <typename T> struct Elem;
 template <> struct Elem<float> {
@@ -65,6 +94,469 @@ template <> struct Elem<__nv_bfloat16> {
     static __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
     static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
 };
+template <> struct Elem<__nv_fp8_e4m3> {
+    static __device__ __forceinline__ float load(const __nv_fp8_e4m3* p) { return float(*p); }
+};
+template <> struct Elem<__nv_fp8_e5m2> {
+    static __device__ __forceinline__ float load(const __nv_fp8_e5m2* p) { return float(*p); }
+};
+
+// max that keeps NaN (fmaxf drops it, which would hide a NaN query).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// exp2(m - target), 0 for an empty state (m == -inf) so that -inf - -inf never makes NaN.
+__device__ __forceinline__ float rescale(float m, float target) {
+    return m == FLASHDEC_NEG_INF ? 0.f : exp2f(m - target);
+}
+
+// A raw dot product (Q already multiplied by qk_scale * k_scale) -> base-2 logit.
+__device__ __forceinline__ float logit(float acc, float softcap_log2) {
+    return softcap_log2 != 0.f ? tanhf(acc) * softcap_log2 : acc;
+}
+
+// The rows [lo, hi) of batch entry b that attention reads: seqlens clamped to the capacity,
+// then the window.
+__device__ __forceinline__ void live_rows(const DecodeParams& p, int b, long long& lo, long long& hi) {
+    hi = p.kv_len;
+    if (p.seqlens != nullptr) {
+        const long long n = p.seqlens[b * p.seqlens_stride];
+        hi = n < 0 ? 0 : (n < hi ? n : hi);
+    }
+    lo = 0;
+    if (p.window_left >= 0 && hi - 1 - p.window_left > 0) lo = hi - 1 - p.window_left;
+}
+
+__device__ __forceinline__ float kv_scale(const float* per_head, long long stride, float value, int g) {
+    return per_head != nullptr ? value * per_head[g * stride] : value;
+}
+
+template <typename T>
+__device__ __forceinline__ void write_result(const DecodeParams& p, int b, long long h, int e,
+                                             float acc, float sum, float mx, float vs) {
+    T* out = static_cast<T*>(p.out);
+    out[b * p.out_stride[0] + h * p.out_stride[1] + e * p.out_stride[2]] =
+        Elem<T>::store(sum == 0.f ? 0.f : acc / sum * vs);
+    if (e == 0 && p.lse != nullptr)
+        p.lse[b * p.lse_stride[0] + h * p.lse_stride[1]] =
+            sum == 0.f ? FLASHDEC_NEG_INF : (mx + log2f(sum)) * FLASHDEC_LN2;
+}
+
+// Shared memory the epilogue's split merge needs, for a group tile of GT heads (the split
+// maxima reuse the state array, which is merged by then).
+template <int GT>
+struct MergeSmem {
+    float w[kMaxSplits][GT];
+    float sum[GT];
+    int last;
+};
+
+// The CTA's NG partial states (o[NG][GT][ldo], m[NG][GT], l[NG][GT] in shared memory, filled
+// and synchronised by the caller) -> Y and LSE, directly or through the last-CTA split merge.
+template <typename T, int NG, int GT>
+__device__ void finish(const DecodeParams& p, float* sm_o, int ldo, const float* sm_m,
+                       const float* sm_l, MergeSmem<GT>& ms, int b, int kv_head, int tile,
+                       int split, float vs) {
+    const int D = p.head_dim;
+    const int heads = min(GT, p.group_size - tile * GT);
+    const long long head0 = (long long)kv_head * p.group_size + tile * GT;
+    const long long slot = (long long)blockIdx.z * gridDim.y + blockIdx.y;
+    float* part_o = p.partial_o + (slot * p.num_splits + split) * GT * D;
+    float* part_ml = p.partial_ml + (slot * p.num_splits + split) * GT * 2;
+
+    for (int idx = threadIdx.x; idx < heads * D; idx += kThreads) {
+        const int j = idx / D, e = idx % D;
+        float mx = FLASHDEC_NEG_INF;
+        for (int g = 0; g < NG; ++g) mx = nan_max(mx, sm_m[g * GT + j]);
+        float acc = 0.f, sum = 0.f;
+#pragma unroll 4
+        for (int g = 0; g < NG; ++g) {
+            const float w = rescale(sm_m[g * GT + j], mx);
+            acc = fmaf(w, sm_o[(g * GT + j) * ldo + e], acc);
+            sum = fmaf(w, sm_l[g * GT + j], sum);
+        }
+        if (p.num_splits == 1) {
+            write_result<T>(p, b, head0 + j, e, acc, sum, mx, vs);
+        } else {
+            part_o[j * D + e] = acc;
+            if (e == 0) { part_ml[2 * j] = mx; part_ml[2 * j + 1] = sum; }
+        }
+    }
+    if (p.num_splits == 1) return;
+
+    // Publish this split's partial; the last CTA to arrive merges all of them.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int before = atomicAdd(p.arrivals + slot, 1);
+        ms.last = before == p.num_splits - 1;
+        if (ms.last) p.arrivals[slot] = 0;  // ready for the next launch or graph replay
+    }
+    __syncthreads();
+    if (!ms.last) return;
+    __threadfence();
+
+    // Every thread loads some splits' (max, sum) at once (one L2 latency, not num_splits),
+    // then one thread per head reduces them from shared memory in split order.
+    const float* all_o = p.partial_o + slot * p.num_splits * GT * D;
+    const float* all_ml = p.partial_ml + slot * p.num_splits * GT * 2;
+    float (*split_m)[GT] = reinterpret_cast<float (*)[GT]>(sm_o);  // NG * ldo >= kMaxSplits
+    for (int idx = threadIdx.x; idx < p.num_splits * GT; idx += kThreads) {
+        const int s = idx / GT, j = idx % GT;
+        split_m[s][j] = __ldcg(all_ml + idx * 2);
+        ms.w[s][j] = __ldcg(all_ml + idx * 2 + 1);  // the split's sum, until weighted below
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < heads; j += kThreads) {
+        float mx = FLASHDEC_NEG_INF;
+        for (int s = 0; s < p.num_splits; ++s) mx = nan_max(mx, split_m[s][j]);
+        float sum = 0.f;
+        for (int s = 0; s < p.num_splits; ++s) {
+            const float w = rescale(split_m[s][j], mx);
+            sum = fmaf(w, ms.w[s][j], sum);
+            ms.w[s][j] = w;
+        }
+        ms.sum[j] = sum;
+        split_m[0][j] = mx;
+    }
+    __syncthreads();
+    // Weighted sum over the splits, 4 consecutive elements per thread when D allows (one
+    // 16-byte load per split), 8 splits' loads in flight: this runs after every other CTA
+    // of the slot, so its latency is the kernel's tail.
+    const int step = (D & 3) == 0 ? 4 : 1;
+    for (int idx = threadIdx.x * step; idx < heads * D; idx += kThreads * step) {
+        const int j = idx / D, e = idx % D;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        const float* src = all_o + j * D + e;
+        if (step == 4) {
+#pragma unroll 8
+            for (int s = 0; s < p.num_splits; ++s) {
+                const float4 x = __ldcg(reinterpret_cast<const float4*>(src + s * GT * D));
+                const float w = ms.w[s][j];
+                acc[0] = fmaf(w, x.x, acc[0]); acc[1] = fmaf(w, x.y, acc[1]);
+                acc[2] = fmaf(w, x.z, acc[2]); acc[3] = fmaf(w, x.w, acc[3]);
+            }
+        } else {
+#pragma unroll 8
+            for (int s = 0; s < p.num_splits; ++s) acc[0] = fmaf(ms.w[s][j], __ldcg(src + s * GT * D), acc[0]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (i < step) write_result<T>(p, b, head0 + j, e + i, acc[i], ms.sum[j], split_m[0][j], vs);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// MMA kernel
+// ---------------------------------------------------------------------------------------
+
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                               unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi, float& rlo, float& rhi) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        const float2 f = __half22float2(h);
+        rlo = f.x; rhi = f.y;
+        return *reinterpret_cast<const unsigned*>(&h);
+    }
+    static __device__ __forceinline__ unsigned widen2(__half2_raw h) {
+        return *reinterpret_cast<const unsigned*>(&h);
+    }
+};
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                               unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi, float& rlo, float& rhi) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        const float2 f = __bfloat1622float2(h);
+        rlo = f.x; rhi = f.y;
+        return *reinterpret_cast<const unsigned*>(&h);
+    }
+    // fp8 values are exact in fp16 and in bf16, so fp8 -> fp16 -> fp32 -> bf16 is exact.
+    static __device__ __forceinline__ unsigned widen2(__half2_raw h) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+        const __nv_bfloat162 r = __floats2bfloat162_rn(f.x, f.y);
+        return *reinterpret_cast<const unsigned*>(&r);
+    }
+};
+
+template <typename KV> struct Fp8Kind;
+template <> struct Fp8Kind<__nv_fp8_e4m3> { static constexpr __nv_fp8_interpretation_t value = __NV_E4M3; };
+template <> struct Fp8Kind<__nv_fp8_e5m2> { static constexpr __nv_fp8_interpretation_t value = __NV_E5M2; };
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; zero-filled (and nothing read) when !valid.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// A 16-bit tile of rows x D in shared memory, in 16-byte chunks; chunk c of row r sits at
+// c ^ (r % 8) so that the 8 rows an ldmatrix reads hit 8 different bank groups.
+template <int D>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+    return row * (D / 8) + (chunk ^ (row & 7));
+}
+
+// Dynamic shared memory of the MMA kernel, per CTA: the Q tile, then per warp a ring of
+// STAGES K/V blocks (in the KV type), then per warp one widened block (fp8 only). After the
+// main loop the ring holds the warp states and the split-merge scratch instead.
+template <typename T, typename KV, int D, int STAGES>
+struct MmaSmem {
+    static constexpr bool kWiden = sizeof(KV) != sizeof(T);
+    static constexpr int kQBytes = kMmaHeads * D * 2;
+    static constexpr int kBlockBytes = kBlockRows * D * (int)sizeof(KV);   // one of K or V
+    static constexpr int kRingBytes = kWarps * STAGES * 2 * kBlockBytes;
+    static constexpr int kWideBytes = kWiden ? kWarps * 2 * kBlockRows * D * 2 : 0;
+    static constexpr int kStateBytes = kWarps * kMmaHeads * (D + 2) * 4 + (int)sizeof(MergeSmem<kMmaHeads>);
+    static_assert(kWarps * D >= kMaxSplits, "the warp states hold the split maxima");
+    static constexpr int kMainBytes = kRingBytes + kWideBytes;
+    static constexpr int kBytes = kQBytes + (kMainBytes > kStateBytes ? kMainBytes : kStateBytes);
+};
+
+template <typename T, typename KV, int D, int STAGES>
+__host__ __device__ constexpr int mma_smem_bytes() { return MmaSmem<T, KV, D, STAGES>::kBytes; }
+
+// CTAS: resident CTAs per SM the host sized the ring for (registers must allow as many).
+template <typename T, typename KV, int D, int STAGES, int CTAS>
+__global__ void __launch_bounds__(kThreads, CTAS)
+decode_mma_kernel(const __grid_constant__ DecodeParams p) {
+    using L = MmaSmem<T, KV, D, STAGES>;
+    constexpr int CPR = D * (int)sizeof(KV) / 16;       // 16-byte chunks per K/V row
+    constexpr int KSTEPS = D / 16;
+    constexpr int NT = D / 8;                          // n-tiles of the P V product
+    static_assert(D % 64 == 0 && D <= 256, "head_dim is a multiple of 64, at most 256");
+    static_assert(sizeof(T) == 2, "Q is float16 or bfloat16");
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* q_s = reinterpret_cast<T*>(smem);
+    unsigned char* main_s = smem + L::kQBytes;
+
+    const int split = blockIdx.x;
+    const int kv_head = blockIdx.y / p.num_group_tiles;
+    const int tile = blockIdx.y % p.num_group_tiles;
+    const int b = blockIdx.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
+
+    // Q tile -> shared (16-bit, swizzled), zero rows past the group.
+    {
+        const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
+        for (int idx = threadIdx.x; idx < kMmaHeads * D; idx += kThreads) {
+            const int j = idx / D, e = idx % D;
+            const int in_group = tile * kMmaHeads + j;
+            T x = Elem<T>::store(0.f);
+            if (in_group < p.group_size)
+                x = q[((long long)kv_head * p.group_size + in_group) * p.q_stride[1] + e * p.q_stride[2]];
+            q_s[swizzle<D>(j, e / 8) * 8 + e % 8] = x;
+        }
+    }
+
+    long long lo, hi;
+    live_rows(p, b, lo, hi);
+    const long long start = max(lo, (long long)split * p.split_rows);
+    const long long end = min(hi, (long long)(split + 1) * p.split_rows);
+    const int blocks = end > start ? (int)((end - start + kBlockRows - 1) / kBlockRows) : 0;
+    const int my_blocks = blocks > warp ? (blocks - warp + kWarps - 1) / kWarps : 0;
+
+    const float ks = kv_scale(p.k_scale, p.k_scale_stride, p.k_scale_value, kv_head);
+    const float qk = p.qk_scale * ks;
+    const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
+    const KV* v = static_cast<const KV*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[1];
+    unsigned char* ring = main_s + warp * STAGES * 2 * L::kBlockBytes;
+    T* wide = reinterpret_cast<T*>(main_s + L::kRingBytes + warp * 2 * kBlockRows * D * 2);
+
+    // Issue the cp.async copies of this warp's i-th block into ring slot i % STAGES.
+    auto load_block = [&](int i) {
+        const long long row0 = start + (long long)(i * kWarps + warp) * kBlockRows;
+        unsigned char* ks_ = ring + (i % STAGES) * 2 * L::kBlockBytes;
+        unsigned char* vs_ = ks_ + L::kBlockBytes;
+#pragma unroll
+        for (int it = 0; it < kBlockRows * CPR / 32; ++it) {
+            const int c = lane + it * 32;
+            const int r = c / CPR, ch = c % CPR;
+            const bool valid = row0 + r < end;
+            const long long row = valid ? row0 + r : start;
+            const int dst = L::kWiden ? r * CPR + ch : swizzle<D>(r, ch);
+            cp_async16(ks_ + dst * 16, k + row * p.k_stride[2] + ch * (16 / sizeof(KV)), valid);
+            cp_async16(vs_ + dst * 16, v + row * p.v_stride[2] + ch * (16 / sizeof(KV)), valid);
+        }
+    };
+
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m[2] = {FLASHDEC_NEG_INF, FLASHDEC_NEG_INF}, l[2] = {0.f, 0.f};
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < my_blocks) load_block(s);
+        cp_async_commit();
+    }
+    __syncthreads();  // the Q tile
+
+    for (int i = 0; i < my_blocks; ++i) {
+        cp_async_wait<STAGES - 2>();
+        __syncwarp();
+        if (i + STAGES - 1 < my_blocks) load_block(i + STAGES - 1);
+        cp_async_commit();
+
+        const T* kt;
+        const T* vt;
+        if constexpr (L::kWiden) {
+            // fp8 block -> 16-bit swizzled block in this warp's buffer.
+            const unsigned char* src = ring + (i % STAGES) * 2 * L::kBlockBytes;
+#pragma unroll
+            for (int it = 0; it < 2 * kBlockRows * CPR / 32; ++it) {
+                const int c = lane + it * 32;          // over K's chunks then V's
+                const int r = (c / CPR) % kBlockRows, ch = c % CPR, which = c / (CPR * kBlockRows);
+                const uint4 raw = *reinterpret_cast<const uint4*>(src + c * 16);
+                const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+                unsigned wide_w[8];
+#pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    wide_w[2 * w] = Mma<T>::widen2(__nv_cvt_fp8x2_to_halfraw2(
+                        (__nv_fp8x2_storage_t)(words[w] & 0xffffu), Fp8Kind<KV>::value));
+                    wide_w[2 * w + 1] = Mma<T>::widen2(__nv_cvt_fp8x2_to_halfraw2(
+                        (__nv_fp8x2_storage_t)(words[w] >> 16), Fp8Kind<KV>::value));
+                }
+                T* dst = wide + which * kBlockRows * D;
+                *reinterpret_cast<uint4*>(dst + swizzle<D>(r, 2 * ch) * 8) =
+                    make_uint4(wide_w[0], wide_w[1], wide_w[2], wide_w[3]);
+                *reinterpret_cast<uint4*>(dst + swizzle<D>(r, 2 * ch + 1) * 8) =
+                    make_uint4(wide_w[4], wide_w[5], wide_w[6], wide_w[7]);
+            }
+            __syncwarp();
+            kt = wide;
+            vt = wide + kBlockRows * D;
+        } else {
+            kt = reinterpret_cast<const T*>(ring + (i % STAGES) * 2 * L::kBlockBytes);
+            vt = kt + kBlockRows * D;
+        }
+
+        // S^T tiles: s[n][.] = heads (g, g+8) x rows (n*8 + 2t, +1), accumulated in two
+        // chains (even and odd k-steps) so that consecutive MMAs do not wait on each other.
+        float s[2][4], s_odd[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) s[n][c] = s_odd[n][c] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            unsigned a[4], bk[4];
+            const int mi = lane / 8;
+            ldmatrix_x4(a, q_s + swizzle<D>((mi & 1) * 8 + lane % 8, 2 * kk + (mi >> 1)) * 8);
+            ldmatrix_x4(bk, kt + swizzle<D>((mi >> 1) * 8 + lane % 8, 2 * kk + (mi & 1)) * 8);
+            float (&acc)[2][4] = (kk & 1) ? s_odd : s;
+            Mma<T>::run(acc[0], a, bk[0], bk[1]);
+            Mma<T>::run(acc[1], a, bk[2], bk[3]);
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) s[n][c] += s_odd[n][c];
+
+        // Online softmax over this block, per head (g: hh = 0, g + 8: hh = 1).
+        const long long row0 = start + (long long)(i * kWarps + warp) * kBlockRows;
+        const bool full = row0 + kBlockRows <= end;
+        unsigned pa[4];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float x[4];
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    float val = logit(s[n][2 * hh + c] * qk, p.softcap_log2);
+                    if (!full && row0 + n * 8 + 2 * t + c >= end) val = FLASHDEC_NEG_INF;
+                    x[2 * n + c] = val;
+                }
+            float mx = nan_max(nan_max(x[0], x[1]), nan_max(x[2], x[3]));
+            mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = nan_max(m[hh], mx);
+            const float alpha = m[hh] == m_new ? 1.f : rescale(m[hh], m_new);
+            m[hh] = m_new;
+            float pr[4];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) pr[c] = rescale(x[c], m_new);
+            float r0, r1, r2, r3;
+            pa[hh] = Mma<T>::pack(pr[0], pr[1], r0, r1);       // rows 2t, 2t+1
+            pa[2 + hh] = Mma<T>::pack(pr[2], pr[3], r2, r3);   // rows 8+2t, 9+2t
+            l[hh] = l[hh] * alpha + ((r0 + r1) + (r2 + r3));
+            if (__any_sync(0xffffffffu, alpha != 1.f)) {  // once the maxima settle, rarely
+#pragma unroll
+                for (int n = 0; n < NT; ++n) { o[n][2 * hh] *= alpha; o[n][2 * hh + 1] *= alpha; }
+            }
+        }
+
+        // O += P V: V^T fragments by transposing ldmatrix, two n-tiles per load.
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+            unsigned bv[4];
+            const int mi = lane / 8;
+            ldmatrix_x4_trans(bv, vt + swizzle<D>((mi & 1) * 8 + lane % 8, n + (mi >> 1)) * 8);
+            Mma<T>::run(o[n], pa, bv[0], bv[1]);
+            Mma<T>::run(o[n + 1], pa, bv[2], bv[3]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Quad-reduce the sums, then hand the warp states to the shared epilogue.
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+    }
+    __syncthreads();  // every warp is done with its ring: reuse it for the states
+    float* sm_o = reinterpret_cast<float*>(main_s);                 // [kWarps][16][D]
+    float* sm_m = sm_o + kWarps * kMmaHeads * D;                     // [kWarps][16]
+    float* sm_l = sm_m + kWarps * kMmaHeads;
+    auto& ms = *reinterpret_cast<MergeSmem<kMmaHeads>*>(sm_l + kWarps * kMmaHeads);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        float* row_g = sm_o + (warp * kMmaHeads + g) * D + n * 8 + 2 * t;
+        float* row_g8 = row_g + 8 * D;
+        row_g[0] = o[n][0]; row_g[1] = o[n][1];
+        row_g8[0] = o[n][2]; row_g8[1] = o[n][3];
+    }
+    if (t == 0) {
+        sm_m[warp * kMmaHeads + g] = m[0]; sm_m[warp * kMmaHeads + g + 8] = m[1];
+        sm_l[warp * kMmaHeads + g] = l[0]; sm_l[warp * kMmaHeads + g + 8] = l[1];
+    }
+    __syncthreads();
+    const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
+    finish<T, kWarps, kMmaHeads>(p, sm_o, D, sm_m, sm_l, ms, b, kv_head, tile, split, vs);
+}
+
+// ---------------------------------------------------------------------------------------
+// SIMT kernel
+// ---------------------------------------------------------------------------------------
 
 // 16 bytes -> floats.
 __device__ __forceinline__ void widen(const uint4& u, float (&x)[8], const __half*) {
@@ -83,7 +575,7 @@ __device__ __forceinline__ void widen(const uint4& u, float (&x)[4], const float
 }
 
 // VEC elements starting at p: one 16-byte load when VEC * sizeof(T) == 16 (the host checked
-// alignment and unit stride), else one scalar load of element stride `stride`.
+// alignment and unit stride), else one scalar load.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_chunk(const T* p, float (&x)[VEC]) {
     if constexpr (VEC * sizeof(T) == 16) {
@@ -94,25 +586,19 @@ __device__ __forceinline__ void load_chunk(const T* p, float (&x)[VEC]) {
     }
 }
 
-// max that keeps NaN (fmaxf drops it, which would hide a NaN query).
-__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
-
-// exp2(m - target), 0 for an empty state (m == -inf) so that -inf - -inf never makes NaN.
-__device__ __forceinline__ float rescale(float m, float target) {
-    return m == FLASHDEC_NEG_INF ? 0.f : exp2f(m - target);
-}
-
 // Resident CTAs per SM the register allocation must allow: 3 (<= 168 registers) unless the
 // per-thread Q and output state is large (a full group tile of wide chunks) or the kernel is
 // the element-wise path, then 2.
 template <int GT, int VEC, int NCH>
-__host__ __device__ constexpr int min_ctas_per_sm() { return (VEC == 1 || GT * VEC * NCH >= 64) ? 2 : 3; }
+__host__ __device__ constexpr int min_ctas_per_sm() { return (VEC == 1 || GT * VEC * NCH >= 32) ? 2 : 3; }
 
-template <typename T, int VEC, int TPR, int NCH, int GT, int ROWS>
-__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<GT, VEC, NCH>()) decode_kernel(const __grid_constant__ DecodeParams p) {
+template <typename T, typename KV, int VEC, int TPR, int NCH, int GT, int ROWS>
+__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<GT, VEC, NCH>())
+decode_simt_kernel(const __grid_constant__ DecodeParams p) {
     constexpr int NG = kThreads / TPR;        // thread groups per CTA
     constexpr int DP = VEC * TPR * NCH;       // head_dim padded to what a group covers
     static_assert(kThreads % TPR == 0 && TPR <= 32, "a thread group lives inside one warp");
+    static_assert(NG * DP >= kMaxSplits, "the group states hold the split maxima");
 
     const int split = blockIdx.x;
     const int kv_head = blockIdx.y / p.num_group_tiles;
@@ -123,8 +609,9 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<GT, VEC, NCH>()) dec
     const int D = p.head_dim;
 
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
-    const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
-    const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[1];
+    const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
+    const KV* v = static_cast<const KV*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[1];
+    const float qk = p.qk_scale * kv_scale(p.k_scale, p.k_scale_stride, p.k_scale_value, kv_head);
 
     float qx[GT][NCH][VEC];
 #pragma unroll
@@ -137,7 +624,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<GT, VEC, NCH>()) dec
             for (int i = 0; i < VEC; ++i) {
                 const int e = (c * TPR + lane) * VEC + i;
                 qx[j][c][i] = (in_group < p.group_size && e < D)
-                    ? Elem<T>::load(q + h * p.q_stride[1] + e * p.q_stride[2]) * p.scale_log2 : 0.f;
+                    ? Elem<T>::load(q + h * p.q_stride[1] + e * p.q_stride[2]) * qk : 0.f;
             }
     }
 
@@ -151,8 +638,10 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<GT, VEC, NCH>()) dec
             for (int i = 0; i < VEC; ++i) o[j][c][i] = 0.f;
     }
 
-    const long long start = split * p.split_rows;
-    const long long end = min(start + p.split_rows, p.kv_len);
+    long long lo, hi;
+    live_rows(p, b, lo, hi);
+    const long long start = max(lo, (long long)split * p.split_rows);
+    const long long end = min(hi, (long long)(split + 1) * p.split_rows);
     const long long rows = end > start ? end - start : 0;
     const int num_tiles = (int)((rows + NG * ROWS - 1) / (NG * ROWS));  // uniform in the CTA
 
@@ -167,8 +656,8 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<GT, VEC, NCH>()) dec
             for (int c = 0; c < NCH; ++c) {
                 const int e = (c * TPR + lane) * VEC;
                 if (valid[r] && e < D) {
-                    load_chunk<T, VEC>(k + (row0 + r) * p.k_stride[2] + e * p.k_stride[3], kx[r][c]);
-                    load_chunk<T, VEC>(v + (row0 + r) * p.v_stride[2] + e * p.v_stride[3], vx[r][c]);
+                    load_chunk<KV, VEC>(k + (row0 + r) * p.k_stride[2] + e * p.k_stride[3], kx[r][c]);
+                    load_chunk<KV, VEC>(v + (row0 + r) * p.v_stride[2] + e * p.v_stride[3], vx[r][c]);
                 } else {
 #pragma unroll
                     for (int i = 0; i < VEC; ++i) { kx[r][c][i] = 0.f; vx[r][c][i] = 0.f; }
@@ -187,7 +676,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<GT, VEC, NCH>()) dec
                     for (int i = 0; i < VEC; ++i) acc = fmaf(qx[j][c][i], kx[r][c][i], acc);
 #pragma unroll
                 for (int off = TPR / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-                s[r] = acc;
+                s[r] = logit(acc, p.softcap_log2);
             }
             float m_new = m[j];
 #pragma unroll
@@ -211,12 +700,10 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<GT, VEC, NCH>()) dec
         }
     }
 
-    // Merge the NG thread-group states of this CTA, in group order.
+    // Thread-group states -> shared memory -> the shared epilogue.
     __shared__ float sm_o[NG][GT][DP];
     __shared__ float sm_m[NG][GT], sm_l[NG][GT];
-    __shared__ float sm_w[kMaxSplits][GT];
-    __shared__ float sm_sum[GT];
-    __shared__ int sm_last;
+    __shared__ MergeSmem<GT> ms;
 #pragma unroll
     for (int j = 0; j < GT; ++j) {
 #pragma unroll
@@ -226,83 +713,69 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<GT, VEC, NCH>()) dec
         if (lane == 0) { sm_m[group][j] = m[j]; sm_l[group][j] = l[j]; }
     }
     __syncthreads();
+    const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
+    finish<T, NG, GT>(p, &sm_o[0][0][0], DP, &sm_m[0][0], &sm_l[0][0], ms, b, kv_head, tile,
+                      split, vs);
+}
 
-    const int heads_here = min(GT, p.group_size - tile * GT);
-    T* out = static_cast<T*>(p.out) + b * p.out_stride[0];
-    const long long head0 = (long long)kv_head * p.group_size + tile * GT;
-    const long long slot = (long long)blockIdx.z * gridDim.y + blockIdx.y;
-    float* part_o = p.partial_o + (slot * p.num_splits + split) * GT * D;
-    float* part_ml = p.partial_ml + (slot * p.num_splits + split) * GT * 2;
+// ---------------------------------------------------------------------------------------
+// merge_states
+// ---------------------------------------------------------------------------------------
 
-    for (int idx = threadIdx.x; idx < GT * D; idx += kThreads) {
-        const int j = idx / D, e = idx % D;
-        float mx = FLASHDEC_NEG_INF;
-        for (int g = 0; g < NG; ++g) mx = nan_max(mx, sm_m[g][j]);
-        float acc = 0.f, sum = 0.f;
-#pragma unroll 4
-        for (int g = 0; g < NG; ++g) {
-            const float w = rescale(sm_m[g][j], mx);
-            acc = fmaf(w, sm_o[g][j][e], acc);
-            sum = fmaf(w, sm_l[g][j], sum);
-        }
-        if (p.num_splits == 1) {
-            if (j < heads_here)
-                out[(head0 + j) * p.out_stride[1] + e * p.out_stride[2]] =
-                    Elem<T>::store(sum == 0.f ? 0.f : acc / sum);
-        } else {
-            part_o[j * D + e] = acc;
-            if (e == 0) { part_ml[2 * j] = mx; part_ml[2 * j + 1] = sum; }
-        }
+struct MergeParams {
+    const void* o[kMaxMergeParts];       // part i: [B, H, D]
+    const float* lse[kMaxMergeParts];    // part i: [B, H]
+    long long o_stride[kMaxMergeParts][3];
+    long long lse_stride[kMaxMergeParts][2];
+    void* out;
+    float* lse_out;
+    long long out_stride[3];
+    long long lse_out_stride[2];
+    int num_parts;
+    int num_heads;
+    int head_dim;
+};
+
+// One CTA per (b, h): weights exp(lse_i - max) in part order, Y = sum w_i Y_i / sum w_i.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) merge_states_kernel(const __grid_constant__ MergeParams p) {
+    const int b = blockIdx.x / p.num_heads, h = blockIdx.x % p.num_heads;
+    __shared__ float sm_w[kMaxMergeParts];
+    __shared__ float sm_mx, sm_sum;
+    if (threadIdx.x < p.num_parts) {
+        const int i = threadIdx.x;
+        sm_w[i] = p.lse[i][b * p.lse_stride[i][0] + h * p.lse_stride[i][1]] * 1.4426950408889634f;
     }
-    if (p.num_splits == 1) return;
-
-    // Publish this split's partial; the last CTA to arrive merges all of them.
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        const int before = atomicAdd(p.arrivals + slot, 1);
-        sm_last = before == p.num_splits - 1;
-        if (sm_last) p.arrivals[slot] = 0;  // ready for the next launch or graph replay
-    }
-    __syncthreads();
-    if (!sm_last) return;
-    __threadfence();
-
-    // Every thread loads some splits' (max, sum) at once (one L2 latency, not num_splits),
-    // then one thread per head reduces them from shared memory in split order.
-    const float* all_o = p.partial_o + slot * p.num_splits * GT * D;
-    const float* all_ml = p.partial_ml + slot * p.num_splits * GT * 2;
-    // The group states in sm_o are merged by now: reuse that space for the split maxima.
-    static_assert(NG * DP >= kMaxSplits, "sm_o holds kMaxSplits x GT floats");
-    float (*sm_split_m)[GT] = reinterpret_cast<float (*)[GT]>(&sm_o[0][0][0]);
-    for (int idx = threadIdx.x; idx < p.num_splits * GT; idx += kThreads) {
-        const int s = idx / GT, j = idx % GT;
-        sm_split_m[s][j] = __ldcg(all_ml + idx * 2);
-        sm_w[s][j] = __ldcg(all_ml + idx * 2 + 1);  // the split's sum, until weighted below
-    }
-    __syncthreads();
-    for (int j = threadIdx.x; j < GT; j += kThreads) {
         float mx = FLASHDEC_NEG_INF;
-        for (int s = 0; s < p.num_splits; ++s) mx = nan_max(mx, sm_split_m[s][j]);
+        for (int i = 0; i < p.num_parts; ++i) mx = nan_max(mx, sm_w[i]);
         float sum = 0.f;
-        for (int s = 0; s < p.num_splits; ++s) {
-            const float w = rescale(sm_split_m[s][j], mx);
-            sum = fmaf(w, sm_w[s][j], sum);
-            sm_w[s][j] = w;
+        for (int i = 0; i < p.num_parts; ++i) {
+            const float w = rescale(sm_w[i], mx);
+            sm_w[i] = w;
+            sum += w;
         }
-        sm_sum[j] = sum;
+        sm_mx = mx;
+        sm_sum = sum;
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < heads_here * D; idx += kThreads) {
-        const int j = idx / D, e = idx % D;
+    const float sum = sm_sum;
+    for (int e = threadIdx.x; e < p.head_dim; e += kThreads) {
         float acc = 0.f;
-#pragma unroll 8
-        for (int s = 0; s < p.num_splits; ++s)
-            acc = fmaf(sm_w[s][j], __ldcg(all_o + (s * GT + j) * D + e), acc);
-        const float sum = sm_sum[j];
-        out[(head0 + j) * p.out_stride[1] + e * p.out_stride[2]] =
+        for (int i = 0; i < p.num_parts; ++i) {
+            const float w = sm_w[i];
+            if (w != 0.f || w != w)  // an empty part may hold anything (even NaN): skip it
+                acc = fmaf(w, Elem<T>::load(static_cast<const T*>(p.o[i]) + b * p.o_stride[i][0] +
+                                            h * p.o_stride[i][1] + e * p.o_stride[i][2]), acc);
+        }
+        T* out = static_cast<T*>(p.out);
+        out[b * p.out_stride[0] + h * p.out_stride[1] + e * p.out_stride[2]] =
             Elem<T>::store(sum == 0.f ? 0.f : acc / sum);
     }
+    if (threadIdx.x == 0)
+        p.lse_out[b * p.lse_out_stride[0] + h * p.lse_out_stride[1]] =
+            sum == 0.f ? FLASHDEC_NEG_INF : (sm_mx + log2f(sum)) * FLASHDEC_LN2;
 }
 
 }  // namespace flashdec
