@@ -30,18 +30,21 @@ def _exact_allocation_cases(cases: int) -> int:
         for d in (64, 128, 80):
             for n in (1, 37, 1000):
                 kv_t = getattr(torch, kv_dtype)
+                # Q and Y first: K's declared span reaches past its allocation, and Y must not
+                # fall there (flashdec rejects an output overlapping an input's span)
+                q = randn((1, 8, d), dtype, "cuda", gen)
+                outs = [poisoned_like(q) for _ in range(3)]
                 # NHD rows [n, hkv, d], viewed as [1, hkv, cap, d]
                 k = randn((n, hkv, d), dtype, "cuda", gen).to(kv_t)
                 v = randn((n, hkv, d), dtype, "cuda", gen).to(kv_t)
                 views = [TensorRef.from_pointer(t.data_ptr(), DType(kv_dtype), (1, hkv, cap, d),
                                                 (0, d, hkv * d, 1), "cuda:0", owner=t)
                          for t in (k, v)]
-                q = randn((1, 8, d), dtype, "cuda", gen)
                 seqlens = torch.tensor([n], dtype=torch.int32, device="cuda")
                 scales = {} if kv_dtype == dtype else {"k_scale": 0.7, "v_scale": 1.3}
                 k_live, v_live = (t.permute(1, 0, 2).unsqueeze(0) for t in (k, v))
-                for splits in (None, 1, 5):
-                    out = flashdec.decode(q, *views, poisoned_like(q), seqlens=seqlens,
+                for splits, out in zip((None, 1, 5), outs):
+                    out = flashdec.decode(q, *views, out, seqlens=seqlens,
                                           backend="cuda", num_splits=splits, **scales)
                     ref = decode_reference(to64(q), to64(k_live), to64(v_live), **scales)
                     err = relative_error(to64(out), ref)

@@ -4,16 +4,18 @@ allocation, launch."""
 from __future__ import annotations
 
 import sys
+import threading
+from collections import OrderedDict
 from typing import Any, Sequence
 
-from . import _dlpack
+from . import _dlpack, _env
 from ._contract import (ARG_NAMES, DecodeArgs, DecodeProblem, Layout, MergeProblem,
                         check_aliasing, check_host_seqlens, check_rank, layouts, validate,
                         validate_merge)
 from ._dtypes import DType
 from ._errors import ContractError
 from ._registry import Backend, Runner, select_backend
-from ._streams import dlpack_stream, stream_handle
+from ._streams import dlpack_stream, stream_handle, torch_current_stream
 from ._views import Device, TensorMut, TensorRef
 
 __all__ = ["decode", "plan", "DecodePlan", "merge_states"]
@@ -116,12 +118,68 @@ def _check_planned(planned: DecodeArgs, args: DecodeArgs) -> None:
                 f"{view.device}. Make a new plan for a new layout")
 
 
+class _TorchFastPath:
+    """A plan's layouts as torch reports them, so a run with CUDA torch tensors is checked in
+    a few attribute reads and integer compares and handed to the runner as raw pointers.
+
+    Any mismatch falls back to the general path, which names what is wrong. Taken only for
+    runners with ``run_pointers`` and device-side (not host) ``seqlens``.
+    """
+
+    __slots__ = ("torch", "sigs", "extents", "out_alloc", "lse_alloc")
+
+    def __init__(self, torch: Any, problem: DecodeProblem, planned: DecodeArgs) -> None:
+        self.torch = torch
+        self.sigs = tuple(None if layout is None else
+                          (torch.Size(layout[0]), tuple(layout[1]),
+                           getattr(torch, layout[2].torch_name), layout[3].index)
+                          for layout in planned)
+        self.extents = tuple(None if layout is None else _extent(layout) for layout in planned)
+        device = torch.device("cuda", problem.device.index)
+        self.out_alloc = (problem.out_shape, getattr(torch, problem.dtype.torch_name), device)
+        self.lse_alloc = (problem.lse_shape, torch.float32, device)
+
+    def pointers(self, given: tuple) -> tuple | None:
+        """Data pointers of ``given`` (q, k, v, out, seqlens, k_scale, v_scale, lse) if each
+        is a CUDA torch tensor of the planned layout (or absent where the plan has none) and
+        the outputs overlap nothing; else None."""
+        tensor = self.torch.Tensor
+        ptrs = []
+        for x, sig in zip(given, self.sigs):
+            if x is None:
+                if sig is not None:
+                    return None
+                ptrs.append(None)
+                continue
+            if (sig is None or type(x) is not tensor or x.get_device() != sig[3]
+                    or x.dtype is not sig[2] or x.shape != sig[0] or x.stride() != sig[1]):
+                return None
+            ptrs.append(x.data_ptr())
+        for o in (3, 7):  # out and lse against everything else
+            if ptrs[o] is None or not self.extents[o]:
+                continue
+            lo, hi = ptrs[o], ptrs[o] + self.extents[o]
+            for i, ptr in enumerate(ptrs):
+                if i != o and ptr is not None and self.extents[i] and ptr < hi and lo < ptr + self.extents[i]:
+                    return None
+        return tuple(ptrs)
+
+
+def _extent(layout: Layout) -> int:
+    """Bytes from a view's first element to one past its last (0 when empty)."""
+    shape, strides, dtype, _ = layout
+    if 0 in shape:
+        return 0
+    return (sum((n - 1) * s for n, s in zip(shape, strides)) + 1) * dtype.itemsize
+
+
 class DecodePlan:
     """A decode problem prepared once and run every token.
 
     ``run`` checks only that each tensor has the planned shape, strides, dtype and device,
     that the outputs overlap no input, and host-side ``seqlens`` values; everything else was
-    validated when the plan was made.
+    validated when the plan was made. A plan serves one stream at a time from one thread (its
+    workspace and launch parameters are its own); make one plan per concurrent stream.
     """
 
     def __init__(self, problem: DecodeProblem, backend: Backend, runner: Runner,
@@ -130,6 +188,13 @@ class DecodePlan:
         self.backend = backend
         self._runner = runner
         self._layouts = layouts
+        self._fast = None
+        torch = sys.modules.get("torch")
+        seqlens = layouts.seqlens
+        if (torch is not None and problem.device.kind == "cuda"
+                and hasattr(runner, "run_pointers")
+                and (seqlens is None or seqlens[3].kind == "cuda")):
+            self._fast = _TorchFastPath(torch, problem, layouts)
 
     @property
     def workspace_bytes(self) -> int:
@@ -147,6 +212,18 @@ class DecodePlan:
         ``seqlens``, ``k_scale``/``v_scale`` tensors and ``lse_out`` are passed here exactly
         when the plan was made with them; float scales were fixed by the plan.
         """
+        fast = self._fast
+        if fast is not None and stream is None and type(q) is fast.torch.Tensor:
+            if out is None:
+                out = fast.torch.empty(fast.out_alloc[0], dtype=fast.out_alloc[1],
+                                       device=fast.out_alloc[2])
+            if lse_out is None and self.problem.return_lse:
+                lse_out = fast.torch.empty(fast.lse_alloc[0], dtype=fast.lse_alloc[1],
+                                           device=fast.lse_alloc[2])
+            ptrs = fast.pointers((q, k, v, out, seqlens, k_scale, v_scale, lse_out))
+            if ptrs is not None:
+                self._runner.run_pointers(ptrs, torch_current_stream(q.get_device()))
+                return (out, lse_out) if self.problem.return_lse else out
         handle = stream_handle(stream, q)
         args, scalars = _views(q, k, v, out, seqlens, k_scale, v_scale, lse_out, handle)
         for name, value in scalars.items():
@@ -252,6 +329,25 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
     ------
     ContractError, UnsupportedError, BackendUnavailableError, CompilationError
     """
+    key = _plan_key(q, k, v, out, seqlens, k_scale, v_scale, lse_out, stream, scale, softcap,
+                    window_left, return_lse, backend, options)
+    if key is not None:
+        with _plans_lock:
+            found = _plans.get(key)
+            if found is not None:
+                _plans.move_to_end(key)
+        if found is None:
+            found = plan(q, k, v, out, scale=scale, softcap=softcap, window_left=window_left,
+                         seqlens=seqlens, k_scale=k_scale, v_scale=v_scale,
+                         return_lse=return_lse, lse_out=lse_out, backend=backend, **options)
+            with _plans_lock:
+                _plans[key] = found
+                while len(_plans) > PLAN_CACHE_SIZE:
+                    _plans.popitem(last=False)
+        tensor = type(q)
+        return found.run(q, k, v, out, seqlens=seqlens,
+                         k_scale=k_scale if type(k_scale) is tensor else None,
+                         v_scale=v_scale if type(v_scale) is tensor else None, lse_out=lse_out)
     handle = stream_handle(stream, q)
     args, problem, chosen = _validated(q, k, v, out, seqlens, k_scale, v_scale, lse_out,
                                        backend, handle, scale=scale, softcap=softcap,
@@ -259,6 +355,45 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
     args, result = _results(chosen, problem, args, q, out, lse_out, handle)
     chosen.prepare(problem, layouts(args), **options)(args, handle)
     return result
+
+
+# decode() keeps the plans it made for torch tensors, keyed by everything a plan fixes
+# (layouts, scalars, backend, options) plus the stream and thread that use it, so a loop of
+# decode calls pays for validation and kernel choice once. Least recently used go first.
+PLAN_CACHE_SIZE = 64
+_plans: OrderedDict[tuple, DecodePlan] = OrderedDict()
+_plans_lock = threading.Lock()
+
+
+def _plan_key(q: Any, k: Any, v: Any, out: Any, seqlens: Any, k_scale: Any, v_scale: Any,
+              lse_out: Any, stream: Any, scale: Any, softcap: Any, window_left: Any,
+              return_lse: Any, backend: Any, options: dict) -> tuple | None:
+    """The cache key of a decode call with torch tensors, or None (not cacheable: other
+    producers, host seqlens, an explicit stream, unhashable arguments)."""
+    torch = sys.modules.get("torch")
+    if torch is None or stream is not None or type(q) is not torch.Tensor:
+        return None
+    tensor = torch.Tensor
+    sigs = []
+    for x in (q, k, v, out, seqlens, lse_out):
+        if x is None:
+            sigs.append(None)
+        elif type(x) is tensor:
+            sigs.append((x.shape, x.stride(), x.dtype, x.get_device()))
+        else:
+            return None
+    for x in (k_scale, v_scale):
+        sigs.append(x if type(x) is not tensor else (x.shape, x.stride(), x.dtype, x.get_device()))
+    device = q.get_device()
+    key = (tuple(sigs), scale, softcap, window_left, return_lse,
+           backend if backend is not None else _env.backend_choice(),
+           tuple(sorted(options.items())),
+           torch_current_stream(device) if device >= 0 else None, threading.get_ident())
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _first(x: Any) -> Any:

@@ -135,7 +135,8 @@ class _Launch:
         p.num_group_tiles = self.split.num_group_tiles
         p.num_splits = self.split.num_splits
         self.params_array = _driver.params_pointer_array(p)
-        self.grid = (self.split.num_splits, problem.num_kv_heads * self.split.num_group_tiles,
+        self.params_address = ctypes.addressof(self.params_array)
+        self.grid = (self.split.num_splits * self.split.num_group_tiles, problem.num_kv_heads,
                      problem.batch)
         self.fn = _function(spec.name_expression, runner.device, spec.smem_bytes)
 
@@ -189,11 +190,21 @@ class _Runner:
                                             (None, self.fast) else 0)
 
     def __call__(self, args: DecodeArgs, stream: int | None) -> None:
+        host = self.host_seqlens and args.seqlens is not None
+        if host:
+            self._upload_seqlens(args.seqlens, stream or 0)
+        self.run_pointers(tuple(None if x is None else x.ptr for x in args), stream,
+                          host_seqlens=host)
+
+    def run_pointers(self, ptrs: tuple, stream: int | None, host_seqlens: bool = False) -> None:
+        """Launch on data pointers (q, k, v, out, seqlens, k_scale, v_scale, lse) of the
+        planned layouts: the whole per-call host work of a plan."""
         if self.problem.batch == 0:
             return
         stream = stream or 0
+        q, k, v, out, seqlens, k_scale, v_scale, lse = ptrs
         launch = self.fast
-        if (args.k.ptr | args.v.ptr) % VECTOR_BYTES:  # a misaligned view under an aligned plan
+        if (k | v) % VECTOR_BYTES:  # a misaligned view under an aligned plan
             launch = self.slow
             if launch is None:
                 launch = self.slow = _Launch(self, self.slow_spec, self.num_splits)
@@ -202,19 +213,10 @@ class _Runner:
                                    launch.arrivals_count, stream)
             launch.arrivals_ready = True
         p = launch.params
-        p.q, p.k, p.v, p.out = args.q.ptr, args.k.ptr, args.v.ptr, args.out.ptr
-        p.lse = args.lse.ptr if args.lse is not None else None
-        p.k_scale = args.k_scale.ptr if args.k_scale is not None else None
-        p.v_scale = args.v_scale.ptr if args.v_scale is not None else None
-        if args.seqlens is None:
-            p.seqlens = None
-        elif self.host_seqlens:
-            self._upload_seqlens(args.seqlens, stream)
-            p.seqlens = self.seqlens_ptr
-        else:
-            p.seqlens = args.seqlens.ptr
+        p.q, p.k, p.v, p.out, p.lse, p.k_scale, p.v_scale = q, k, v, out, lse, k_scale, v_scale
+        p.seqlens = self.seqlens_ptr if host_seqlens else seqlens
         _driver.launch(self.device, launch.fn, launch.grid, THREADS, stream,
-                       ctypes.addressof(launch.params_array))
+                       launch.params_address)
 
     def _upload_seqlens(self, seqlens: TensorRef, stream: int) -> None:
         import numpy

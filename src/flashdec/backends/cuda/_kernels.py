@@ -29,7 +29,7 @@ BLOCK_ROWS = 16        # kBlockRows: KV rows per warp per ring stage
 MAX_SIMT_GROUP_TILE = 8
 VECTOR_BYTES = 16
 MIN_SPLIT_ROWS = 128   # below this a split's fixed costs (Q load, merge) outweigh its rows
-WAVE_EFFICIENCY = 0.85  # more splits than needed to reach this cost partials and merge work
+RAGGED_SPLIT_FACTOR = 4  # with seqlens: splits of a quarter the size (empty ones exit at once)
 SMEM_PER_SM = 228 * 1024   # sm_80 / sm_90 shared memory per SM (227 KB at most per CTA)
 SMEM_RESERVED = 2 * 1024   # per CTA: the 1 KB the driver reserves, and slack
 MMA_DTYPES = (DType.float16, DType.bfloat16)
@@ -64,13 +64,20 @@ class MmaSpec:
                 f"{self.head_dim}, {self.stages}, {self.ctas_per_sm}>")
 
     @property
+    def split_ctas_per_sm(self) -> int:
+        """CTAs per SM a split layout aims for: two where they fit (measured on H100 in
+        bench/NOTES.md: one or two per SM stream equally at one KV head, two are faster with
+        batches; more only add partials)."""
+        return min(2, self.ctas_per_sm)
+
+    @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory: MmaSmem<...>::kBytes in decode.cu (a CI test checks)."""
         d, kv = self.head_dim, self.kv_dtype.itemsize
         widen = kv != self.dtype.itemsize
         ring = WARPS * self.stages * 2 * BLOCK_ROWS * d * kv
         wide = WARPS * 2 * BLOCK_ROWS * d * 2 if widen else 0
-        merge = (MAX_SPLITS + 1) * MMA_HEADS * 4 + 4
+        merge = THREADS * 16 + (MAX_SPLITS + 2) * MMA_HEADS * 4 + 16  # MergeSmem<16>, padded
         state = WARPS * MMA_HEADS * (d + 2) * 4 + merge
         return MMA_HEADS * d * 2 + max(ring + wide, state)
 
@@ -106,6 +113,8 @@ class SimtSpec:
     def ctas_per_sm(self) -> int:
         """min_ctas_per_sm<GT, VEC, NCH>() in decode.cu."""
         return 2 if self.vec == 1 or self.group_tile * self.vec * self.nch >= 32 else 3
+
+    split_ctas_per_sm = 4  # register-tiled CTAs hide latency only in numbers
 
 
 KernelSpec = MmaSpec | SimtSpec
@@ -206,26 +215,23 @@ class SplitLayout:
     num_group_tiles: int
 
 
-def _wave_efficiency(ctas: int, wave: int) -> float:
-    return ctas / (math.ceil(ctas / wave) * wave)
-
-
 def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
                  num_splits: int | None = None) -> SplitLayout:
-    """The fewest splits whose wave efficiency is within WAVE_EFFICIENCY of the best, every split
-    at least MIN_SPLIT_ROWS rows and a whole number of CTA tiles; ``num_splits`` (1..MAX_SPLITS)
-    overrides the count. Depends on the capacity K_len only, never on live ``seqlens``."""
+    """As many splits as fill one wave of ``split_ctas_per_sm`` CTAs per SM (more with
+    ``seqlens``), every split at least MIN_SPLIT_ROWS rows and a whole number of CTA tiles;
+    ``num_splits`` (1..MAX_SPLITS) overrides the count. Depends on the capacity K_len only,
+    never on live ``seqlens`` values, so a captured graph stays valid."""
     tiles = math.ceil(problem.group_size / spec.group_tile)
     kv_len = problem.kv_len
     base = problem.batch * problem.num_kv_heads * tiles
     if kv_len == 0 or base == 0:
         return SplitLayout(1, max(kv_len, 1), tiles)
     if num_splits is None:
-        wave = num_sms * spec.ctas_per_sm
-        most = max(1, min(MAX_SPLITS, kv_len // MIN_SPLIT_ROWS))
-        effs = [_wave_efficiency(base * s, wave) for s in range(1, most + 1)]
-        best = max(effs)
-        wanted = next(s for s, e in enumerate(effs, 1) if e >= WAVE_EFFICIENCY * best)
+        # One wave of CTAs: every split runs at once, so time follows the longest split.
+        wanted = max(1, num_sms * spec.split_ctas_per_sm // base)
+        if problem.seqlens:  # live lengths vary: smaller splits let the short ones balance out
+            wanted *= RAGGED_SPLIT_FACTOR
+        wanted = max(1, min(wanted, MAX_SPLITS, kv_len // MIN_SPLIT_ROWS))
         rows = math.ceil(kv_len / wanted)
         rows = math.ceil(rows / spec.rows_per_tile) * spec.rows_per_tile
     else:

@@ -4,9 +4,11 @@
 //     s_j = scale * k_scale[g] * Q[b, h] . K[b, g, j]          (softcap * tanh(s_j / softcap))
 //     Y[b, h] = v_scale[g] * sum_j softmax(s)_j V[b, g, j],    LSE[b, h] = log sum_j exp(s_j)
 // hi_b = clamp(seqlens[b], 0, kv_len) (kv_len without seqlens), lo_b = hi_b - 1 - window_left
-// (0 without a window). Grid: x = split of the KV capacity, y = kv_head * num_group_tiles +
-// group tile, z = batch. A CTA serves every query head of its group tile, so each K/V row is
-// read from HBM once for the whole tile. Softmax runs online in base 2 (scores carry log2 e).
+// (0 without a window). Grid: x = split of the KV capacity * num_group_tiles + group tile,
+// y = kv_head, z = batch. A CTA serves every query head of its group tile, so each K/V row is
+// read from HBM once for the whole tile; the tiles of one split are adjacent in launch order,
+// so with several tiles (MQA) they read the same rows at the same time and share them in L2.
+// Softmax runs online in base 2 (scores carry log2 e).
 //
 // Two kernels share the parameters and the epilogue:
 // - decode_mma_kernel (16-bit Q, K/V 16-bit or fp8, head_dim a multiple of 64, 16-byte
@@ -109,6 +111,14 @@ __device__ __forceinline__ float rescale(float m, float target) {
     return m == FLASHDEC_NEG_INF ? 0.f : exp2f(m - target);
 }
 
+// 2^x in one MUFU instruction (2 ulp; results below 2^-126 flush to 0, which a softmax
+// weight that small cannot notice); 2^-inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // A raw dot product (Q already multiplied by qk_scale * k_scale) -> base-2 logit.
 __device__ __forceinline__ float logit(float acc, float softcap_log2) {
     return softcap_log2 != 0.f ? tanhf(acc) * softcap_log2 : acc;
@@ -145,8 +155,10 @@ __device__ __forceinline__ void write_result(const DecodeParams& p, int b, long 
 // maxima reuse the state array, which is merged by then).
 template <int GT>
 struct MergeSmem {
-    float w[kMaxSplits][GT];
-    float sum[GT];
+    float4 red[kThreads];     // per-thread partial sums when threads share an output group
+    float w[kMaxSplits][GT];  // split weights
+    float sum[GT];            // softmax denominators
+    float mx[GT];             // maxima
     int last;
 };
 
@@ -159,7 +171,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, const float*
     const int D = p.head_dim;
     const int heads = min(GT, p.group_size - tile * GT);
     const long long head0 = (long long)kv_head * p.group_size + tile * GT;
-    const long long slot = (long long)blockIdx.z * gridDim.y + blockIdx.y;
+    const long long slot = ((long long)b * gridDim.y + kv_head) * p.num_group_tiles + tile;
     float* part_o = p.partial_o + (slot * p.num_splits + split) * GT * D;
     float* part_ml = p.partial_ml + (slot * p.num_splits + split) * GT * 2;
 
@@ -195,8 +207,8 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, const float*
     if (!ms.last) return;
     __threadfence();
 
-    // Every thread loads some splits' (max, sum) at once (one L2 latency, not num_splits),
-    // then one thread per head reduces them from shared memory in split order.
+    // The merge runs after every other CTA of the slot, so its latency is the kernel's tail:
+    // every step below issues all its loads at once instead of one split after another.
     const float* all_o = p.partial_o + slot * p.num_splits * GT * D;
     const float* all_ml = p.partial_ml + slot * p.num_splits * GT * 2;
     float (*split_m)[GT] = reinterpret_cast<float (*)[GT]>(sm_o);  // NG * ldo >= kMaxSplits
@@ -206,42 +218,73 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, const float*
         ms.w[s][j] = __ldcg(all_ml + idx * 2 + 1);  // the split's sum, until weighted below
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < heads; j += kThreads) {
+    // A warp per head: the max and the weights exp2(m_s - max) over the splits, lanes
+    // striding the splits, reduced in a fixed shuffle order (deterministic).
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int j = warp; j < heads; j += kThreads / 32) {
         float mx = FLASHDEC_NEG_INF;
-        for (int s = 0; s < p.num_splits; ++s) mx = nan_max(mx, split_m[s][j]);
+        for (int s = lane; s < p.num_splits; s += 32) mx = nan_max(mx, split_m[s][j]);
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
         float sum = 0.f;
-        for (int s = 0; s < p.num_splits; ++s) {
+        for (int s = lane; s < p.num_splits; s += 32) {
             const float w = rescale(split_m[s][j], mx);
             sum = fmaf(w, ms.w[s][j], sum);
             ms.w[s][j] = w;
         }
-        ms.sum[j] = sum;
-        split_m[0][j] = mx;
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        __syncwarp();
+        if (lane == 0) { ms.sum[j] = sum; ms.mx[j] = mx; }
     }
     __syncthreads();
-    // Weighted sum over the splits, 4 consecutive elements per thread when D allows (one
-    // 16-byte load per split), 8 splits' loads in flight: this runs after every other CTA
-    // of the slot, so its latency is the kernel's tail.
-    const int step = (D & 3) == 0 ? 4 : 1;
-    for (int idx = threadIdx.x * step; idx < heads * D; idx += kThreads * step) {
-        const int j = idx / D, e = idx % D;
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        const float* src = all_o + j * D + e;
-        if (step == 4) {
-#pragma unroll 8
-            for (int s = 0; s < p.num_splits; ++s) {
+    if ((D & 3) == 0) {
+        // sum_s w_s o_s over float4 groups; when there are fewer groups than threads, PARTS
+        // threads share a group, each taking every PARTS-th split, and add up in part order.
+        const int groups = heads * D / 4;
+        const int parts = max(1, min(kThreads / groups, p.num_splits));
+        const int part = threadIdx.x / groups;
+        for (int idx = threadIdx.x % groups + (part < parts ? 0 : groups * kThreads); idx < groups;
+             idx += (parts == 1 ? kThreads : groups)) {
+            const int j = idx * 4 / D, e = idx * 4 % D;
+            const float* src = all_o + j * D + e;
+            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 16
+            for (int s = part; s < p.num_splits; s += parts) {
                 const float4 x = __ldcg(reinterpret_cast<const float4*>(src + s * GT * D));
                 const float w = ms.w[s][j];
-                acc[0] = fmaf(w, x.x, acc[0]); acc[1] = fmaf(w, x.y, acc[1]);
-                acc[2] = fmaf(w, x.z, acc[2]); acc[3] = fmaf(w, x.w, acc[3]);
+                acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
+                acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
             }
-        } else {
-#pragma unroll 8
-            for (int s = 0; s < p.num_splits; ++s) acc[0] = fmaf(ms.w[s][j], __ldcg(src + s * GT * D), acc[0]);
-        }
+            if (parts == 1) {
+                const float r[4] = {acc.x, acc.y, acc.z, acc.w};
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            if (i < step) write_result<T>(p, b, head0 + j, e + i, acc[i], ms.sum[j], split_m[0][j], vs);
+                for (int i = 0; i < 4; ++i) write_result<T>(p, b, head0 + j, e + i, r[i], ms.sum[j], ms.mx[j], vs);
+            } else {
+                ms.red[threadIdx.x] = acc;
+            }
+        }
+        if (parts > 1) {
+            __syncthreads();
+            for (int idx = threadIdx.x; idx < groups; idx += kThreads) {
+                const int j = idx * 4 / D, e = idx * 4 % D;
+                float r[4] = {0.f, 0.f, 0.f, 0.f};
+                for (int q = 0; q < parts; ++q) {
+                    const float4 x = ms.red[q * groups + idx];
+                    r[0] += x.x; r[1] += x.y; r[2] += x.z; r[3] += x.w;
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i) write_result<T>(p, b, head0 + j, e + i, r[i], ms.sum[j], ms.mx[j], vs);
+            }
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < heads * D; idx += kThreads) {
+            const int j = idx / D, e = idx % D;
+            float acc = 0.f;
+#pragma unroll 16
+            for (int s = 0; s < p.num_splits; ++s) acc = fmaf(ms.w[s][j], __ldcg(all_o + (s * GT + j) * D + e), acc);
+            write_result<T>(p, b, head0 + j, e, acc, ms.sum[j], ms.mx[j], vs);
+        }
     }
 }
 
@@ -357,25 +400,12 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     T* q_s = reinterpret_cast<T*>(smem);
     unsigned char* main_s = smem + L::kQBytes;
 
-    const int split = blockIdx.x;
-    const int kv_head = blockIdx.y / p.num_group_tiles;
-    const int tile = blockIdx.y % p.num_group_tiles;
+    const int split = blockIdx.x / p.num_group_tiles;
+    const int tile = blockIdx.x % p.num_group_tiles;
+    const int kv_head = blockIdx.y;
     const int b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
-
-    // Q tile -> shared (16-bit, swizzled), zero rows past the group.
-    {
-        const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
-        for (int idx = threadIdx.x; idx < kMmaHeads * D; idx += kThreads) {
-            const int j = idx / D, e = idx % D;
-            const int in_group = tile * kMmaHeads + j;
-            T x = Elem<T>::store(0.f);
-            if (in_group < p.group_size)
-                x = q[((long long)kv_head * p.group_size + in_group) * p.q_stride[1] + e * p.q_stride[2]];
-            q_s[swizzle<D>(j, e / 8) * 8 + e % 8] = x;
-        }
-    }
 
     long long lo, hi;
     live_rows(p, b, lo, hi);
@@ -391,20 +421,50 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     unsigned char* ring = main_s + warp * STAGES * 2 * L::kBlockBytes;
     T* wide = reinterpret_cast<T*>(main_s + L::kRingBytes + warp * 2 * kBlockRows * D * 2);
 
+    // This warp's i-th block starts at row block_row(i); rows at or past `end` are neither
+    // read nor used (zero-filled, masked).
+    auto block_row = [&](int i) { return start + (long long)(i * kWarps + warp) * kBlockRows; };
+    // cp.async plan: when a row is a whole number of lane-chunks, lane copies chunk `ch` of
+    // rows h, h + ROW_STEP, ... of each block, so the addresses advance by constant strides.
+    constexpr bool kRegular = 32 % CPR == 0;
+    constexpr int ROW_STEP = kRegular ? 32 / CPR : 1;
+    const int ch = lane % CPR, h = kRegular ? lane / CPR : 0;
+    constexpr int kElemsPerChunk = 16 / (int)sizeof(KV);
+    const long long ks_row = p.k_stride[2], vs_row = p.v_stride[2];
+    const KV* k_lane = k + (start + warp * kBlockRows + h) * ks_row + ch * kElemsPerChunk;
+    const KV* v_lane = v + (start + warp * kBlockRows + h) * vs_row + ch * kElemsPerChunk;
+    const KV* k_safe = k + start * ks_row;  // a row every non-empty split has
+    const KV* v_safe = v + start * vs_row;
+
     // Issue the cp.async copies of this warp's i-th block into ring slot i % STAGES.
     auto load_block = [&](int i) {
-        const long long row0 = start + (long long)(i * kWarps + warp) * kBlockRows;
+        const long long left = end - block_row(i);
+        const int valid = left < kBlockRows ? (int)left : kBlockRows;
         unsigned char* ks_ = ring + (i % STAGES) * 2 * L::kBlockBytes;
         unsigned char* vs_ = ks_ + L::kBlockBytes;
+        if constexpr (kRegular) {
+            const long long step = (long long)i * kWarps * kBlockRows;
+            const KV* kb = k_lane + step * ks_row;
+            const KV* vb = v_lane + step * vs_row;
 #pragma unroll
-        for (int it = 0; it < kBlockRows * CPR / 32; ++it) {
-            const int c = lane + it * 32;
-            const int r = c / CPR, ch = c % CPR;
-            const bool valid = row0 + r < end;
-            const long long row = valid ? row0 + r : start;
-            const int dst = L::kWiden ? r * CPR + ch : swizzle<D>(r, ch);
-            cp_async16(ks_ + dst * 16, k + row * p.k_stride[2] + ch * (16 / sizeof(KV)), valid);
-            cp_async16(vs_ + dst * 16, v + row * p.v_stride[2] + ch * (16 / sizeof(KV)), valid);
+            for (int it = 0; it < kBlockRows / ROW_STEP; ++it) {
+                const int r = h + it * ROW_STEP;
+                const bool ok = r < valid;
+                const int dst = L::kWiden ? r * CPR + ch : swizzle<D>(r, ch);
+                cp_async16(ks_ + dst * 16, ok ? kb + it * ROW_STEP * ks_row : k_safe, ok);
+                cp_async16(vs_ + dst * 16, ok ? vb + it * ROW_STEP * vs_row : v_safe, ok);
+            }
+        } else {
+            const long long row0 = block_row(i);
+#pragma unroll
+            for (int it = 0; it < kBlockRows * CPR / 32; ++it) {
+                const int c = lane + it * 32;
+                const int r = c / CPR, cc = c % CPR;
+                const bool ok = r < valid;
+                const int dst = L::kWiden ? r * CPR + cc : swizzle<D>(r, cc);
+                cp_async16(ks_ + dst * 16, ok ? k + (row0 + r) * ks_row + cc * kElemsPerChunk : k_safe, ok);
+                cp_async16(vs_ + dst * 16, ok ? v + (row0 + r) * vs_row + cc * kElemsPerChunk : v_safe, ok);
+            }
         }
     };
 
@@ -418,6 +478,21 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         if (s < my_blocks) load_block(s);
         cp_async_commit();
     }
+    // Q tile -> shared (16-bit, swizzled), zero rows past the group; after the first K/V
+    // copies are in flight, so its latency hides behind theirs.
+    {
+        const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
+#pragma unroll
+        for (int idx = threadIdx.x; idx < kMmaHeads * D; idx += kThreads) {
+            const int j = idx / D, e = idx % D;
+            const int in_group = tile * kMmaHeads + j;
+            T x = Elem<T>::store(0.f);
+            if (in_group < p.group_size)
+                x = q[((long long)kv_head * p.group_size + in_group) * p.q_stride[1] + e * p.q_stride[2]];
+            q_s[swizzle<D>(j, e / 8) * 8 + e % 8] = x;
+        }
+    }
+
     __syncthreads();  // the Q tile
 
     for (int i = 0; i < my_blocks; ++i) {
@@ -481,30 +556,42 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
 #pragma unroll
             for (int c = 0; c < 4; ++c) s[n][c] += s_odd[n][c];
 
-        // Online softmax over this block, per head (g: hh = 0, g + 8: hh = 1).
-        const long long row0 = start + (long long)(i * kWarps + warp) * kBlockRows;
-        const bool full = row0 + kBlockRows <= end;
-        unsigned pa[4];
+        // Online softmax over this block, per head (g: hh = 0, g + 8: hh = 1); x[hh][2n + c]
+        // is row n * 8 + 2t + c of the block.
+        float x[2][4];
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            float x[4];
+        for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
             for (int n = 0; n < 2; ++n)
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    float val = logit(s[n][2 * hh + c] * qk, p.softcap_log2);
-                    if (!full && row0 + n * 8 + 2 * t + c >= end) val = FLASHDEC_NEG_INF;
-                    x[2 * n + c] = val;
-                }
-            float mx = nan_max(nan_max(x[0], x[1]), nan_max(x[2], x[3]));
+                for (int c = 0; c < 2; ++c) x[hh][2 * n + c] = s[n][2 * hh + c] * qk;
+        if (p.softcap_log2 != 0.f) {  // uniform: one branch for the block, not one per score
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) x[hh][c] = tanhf(x[hh][c]) * p.softcap_log2;
+        }
+        const long long left = end - block_row(i);
+        if (left < kBlockRows) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int c = 0; c < 4; ++c)
+                    if ((c >> 1) * 8 + 2 * t + (c & 1) >= (int)left) x[hh][c] = FLASHDEC_NEG_INF;
+        }
+        unsigned pa[4];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float mx = nan_max(nan_max(x[hh][0], x[hh][1]), nan_max(x[hh][2], x[hh][3]));
             mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // The block has a live row, so m_new is finite (or NaN, which must spread).
             const float m_new = nan_max(m[hh], mx);
-            const float alpha = m[hh] == m_new ? 1.f : rescale(m[hh], m_new);
+            const float alpha = m[hh] == m_new ? 1.f : fast_exp2(m[hh] - m_new);
             m[hh] = m_new;
             float pr[4];
 #pragma unroll
-            for (int c = 0; c < 4; ++c) pr[c] = rescale(x[c], m_new);
+            for (int c = 0; c < 4; ++c) pr[c] = fast_exp2(x[hh][c] - m_new);  // -inf -> 0
             float r0, r1, r2, r3;
             pa[hh] = Mma<T>::pack(pr[0], pr[1], r0, r1);       // rows 2t, 2t+1
             pa[2 + hh] = Mma<T>::pack(pr[2], pr[3], r2, r3);   // rows 8+2t, 9+2t
@@ -600,9 +687,9 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
     static_assert(kThreads % TPR == 0 && TPR <= 32, "a thread group lives inside one warp");
     static_assert(NG * DP >= kMaxSplits, "the group states hold the split maxima");
 
-    const int split = blockIdx.x;
-    const int kv_head = blockIdx.y / p.num_group_tiles;
-    const int tile = blockIdx.y % p.num_group_tiles;
+    const int split = blockIdx.x / p.num_group_tiles;
+    const int tile = blockIdx.x % p.num_group_tiles;
+    const int kv_head = blockIdx.y;
     const int b = blockIdx.z;
     const int group = threadIdx.x / TPR;
     const int lane = threadIdx.x % TPR;
