@@ -77,7 +77,7 @@ class MmaSpec:
         widen = kv != self.dtype.itemsize
         ring = WARPS * self.stages * 2 * BLOCK_ROWS * d * kv
         wide = WARPS * 2 * BLOCK_ROWS * d * 2 if widen else 0
-        merge = THREADS * 16 + (MAX_SPLITS + 2) * MMA_HEADS * 4 + 16  # MergeSmem<16>, padded
+        merge = THREADS * 16 + (MAX_SPLITS + 1) * MMA_HEADS * 4 + 16  # MergeSmem<16>, padded
         state = WARPS * MMA_HEADS * (d + 2) * 4 + merge
         return MMA_HEADS * d * 2 + max(ring + wide, state)
 
@@ -120,21 +120,21 @@ class SimtSpec:
 KernelSpec = MmaSpec | SimtSpec
 
 
-def _mma_ctas_per_sm(head_dim: int) -> int:
+def _mma_ctas_per_sm(kv_dtype: DType, head_dim: int) -> int:
     """More resident warps hide more of each warp's per-block latency; the ring (at least two
-    stages a warp) and the fp8 widening buffer bound how many CTAs fit. fp8 K/V take the
-    same count (measured on H100: 3 CTAs beat 2 at long K_len, tie on batches)."""
+    stages a warp) and the fp8 widening buffer bound how many CTAs fit. fp8 K/V at D=128 take
+    two, whose register budget keeps Q's fragments in registers (decode.cu's kQRegs)."""
     if head_dim > 128:
         return 1
     if head_dim <= 64:
         return 4
-    return 3
+    return 2 if kv_dtype.itemsize == 1 else 3
 
 
 def _mma(dtype: DType, kv_dtype: DType, head_dim: int) -> MmaSpec:
     """The MMA kernel with as many ring stages as its CTAs-per-SM budget allows (2..8)."""
     d, kv = head_dim, kv_dtype.itemsize
-    ctas = _mma_ctas_per_sm(d)
+    ctas = _mma_ctas_per_sm(kv_dtype, d)
     fixed = MMA_HEADS * d * 2 + (WARPS * 2 * BLOCK_ROWS * d * 2 if kv != dtype.itemsize else 0)
     stage = WARPS * 2 * BLOCK_ROWS * d * kv
     stages = max(2, min(8, (SMEM_PER_SM // ctas - SMEM_RESERVED - fixed) // stage))

@@ -106,17 +106,17 @@ template <> struct Elem<__nv_fp8_e5m2> {
 // max that keeps NaN (fmaxf drops it, which would hide a NaN query).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
-// exp2(m - target), 0 for an empty state (m == -inf) so that -inf - -inf never makes NaN.
-__device__ __forceinline__ float rescale(float m, float target) {
-    return m == FLASHDEC_NEG_INF ? 0.f : exp2f(m - target);
-}
-
 // 2^x in one MUFU instruction (2 ulp; results below 2^-126 flush to 0, which a softmax
 // weight that small cannot notice); 2^-inf = 0.
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+// exp2(m - target), 0 for an empty state (m == -inf) so that -inf - -inf never makes NaN.
+__device__ __forceinline__ float rescale(float m, float target) {
+    return m == FLASHDEC_NEG_INF ? 0.f : fast_exp2(m - target);
 }
 
 // A raw dot product (Q already multiplied by qk_scale * k_scale) -> base-2 logit.
@@ -140,15 +140,20 @@ __device__ __forceinline__ float kv_scale(const float* per_head, long long strid
     return per_head != nullptr ? value * per_head[g * stride] : value;
 }
 
+// Y[b, h, e] = acc * inv (inv = v_scale / sum, 0 for an empty row).
 template <typename T>
-__device__ __forceinline__ void write_result(const DecodeParams& p, int b, long long h, int e,
-                                             float acc, float sum, float mx, float vs) {
+__device__ __forceinline__ void store_y(const DecodeParams& p, int b, long long h, int e, float y) {
     T* out = static_cast<T*>(p.out);
-    out[b * p.out_stride[0] + h * p.out_stride[1] + e * p.out_stride[2]] =
-        Elem<T>::store(sum == 0.f ? 0.f : acc / sum * vs);
-    if (e == 0 && p.lse != nullptr)
+    out[b * p.out_stride[0] + h * p.out_stride[1] + e * p.out_stride[2]] = Elem<T>::store(y);
+}
+
+// LSE[b, h] from the base-2 max and the sum; -inf for an empty row. Returns v_scale / sum.
+__device__ __forceinline__ float finish_head(const DecodeParams& p, int b, long long h, float mx,
+                                             float sum, float vs) {
+    if (p.lse != nullptr)
         p.lse[b * p.lse_stride[0] + h * p.lse_stride[1]] =
             sum == 0.f ? FLASHDEC_NEG_INF : (mx + log2f(sum)) * FLASHDEC_LN2;
+    return sum == 0.f ? 0.f : vs / sum;
 }
 
 // Shared memory the epilogue's split merge needs, for a group tile of GT heads (the split
@@ -157,41 +162,49 @@ template <int GT>
 struct MergeSmem {
     float4 red[kThreads];     // per-thread partial sums when threads share an output group
     float w[kMaxSplits][GT];  // split weights
-    float sum[GT];            // softmax denominators
-    float mx[GT];             // maxima
+    float inv[GT];            // v_scale / sum
     int last;
 };
 
 // The CTA's NG partial states (o[NG][GT][ldo], m[NG][GT], l[NG][GT] in shared memory, filled
 // and synchronised by the caller) -> Y and LSE, directly or through the last-CTA split merge.
-template <typename T, int NG, int GT>
-__device__ void finish(const DecodeParams& p, float* sm_o, int ldo, const float* sm_m,
+template <typename T, int NG, int GT, int DC>
+__device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
                        const float* sm_l, MergeSmem<GT>& ms, int b, int kv_head, int tile,
                        int split, float vs) {
-    const int D = p.head_dim;
+    const int D = DC > 0 ? DC : p.head_dim;  // compile-time where the kernel knows it
     const int heads = min(GT, p.group_size - tile * GT);
     const long long head0 = (long long)kv_head * p.group_size + tile * GT;
     const long long slot = ((long long)b * gridDim.y + kv_head) * p.num_group_tiles + tile;
     float* part_o = p.partial_o + (slot * p.num_splits + split) * GT * D;
     float* part_ml = p.partial_ml + (slot * p.num_splits + split) * GT * 2;
 
-    for (int idx = threadIdx.x; idx < heads * D; idx += kThreads) {
-        const int j = idx / D, e = idx % D;
+    // Per head, once: the max over the NG states, their weights (in place of their maxima),
+    // the sum, and (one split) LSE and v_scale / sum.
+    for (int j = threadIdx.x; j < heads; j += kThreads) {
         float mx = FLASHDEC_NEG_INF;
         for (int g = 0; g < NG; ++g) mx = nan_max(mx, sm_m[g * GT + j]);
-        float acc = 0.f, sum = 0.f;
-#pragma unroll 4
+        float sum = 0.f;
         for (int g = 0; g < NG; ++g) {
             const float w = rescale(sm_m[g * GT + j], mx);
-            acc = fmaf(w, sm_o[(g * GT + j) * ldo + e], acc);
             sum = fmaf(w, sm_l[g * GT + j], sum);
+            sm_m[g * GT + j] = w;
         }
         if (p.num_splits == 1) {
-            write_result<T>(p, b, head0 + j, e, acc, sum, mx, vs);
+            ms.inv[j] = finish_head(p, b, head0 + j, mx, sum, vs);
         } else {
-            part_o[j * D + e] = acc;
-            if (e == 0) { part_ml[2 * j] = mx; part_ml[2 * j + 1] = sum; }
+            part_ml[2 * j] = mx;
+            part_ml[2 * j + 1] = sum;
         }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < heads * D; idx += kThreads) {
+        const int j = idx / D, e = idx % D;
+        float acc = 0.f;
+#pragma unroll 4
+        for (int g = 0; g < NG; ++g) acc = fmaf(sm_m[g * GT + j], sm_o[(g * GT + j) * ldo + e], acc);
+        if (p.num_splits == 1) store_y<T>(p, b, head0 + j, e, acc * ms.inv[j]);
+        else part_o[j * D + e] = acc;
     }
     if (p.num_splits == 1) return;
 
@@ -235,7 +248,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, const float*
 #pragma unroll
         for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
         __syncwarp();
-        if (lane == 0) { ms.sum[j] = sum; ms.mx[j] = mx; }
+        if (lane == 0) ms.inv[j] = finish_head(p, b, head0 + j, mx, sum, vs);
     }
     __syncthreads();
     if ((D & 3) == 0) {
@@ -259,7 +272,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, const float*
             if (parts == 1) {
                 const float r[4] = {acc.x, acc.y, acc.z, acc.w};
 #pragma unroll
-                for (int i = 0; i < 4; ++i) write_result<T>(p, b, head0 + j, e + i, r[i], ms.sum[j], ms.mx[j], vs);
+                for (int i = 0; i < 4; ++i) store_y<T>(p, b, head0 + j, e + i, r[i] * ms.inv[j]);
             } else {
                 ms.red[threadIdx.x] = acc;
             }
@@ -274,7 +287,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, const float*
                     r[0] += x.x; r[1] += x.y; r[2] += x.z; r[3] += x.w;
                 }
 #pragma unroll
-                for (int i = 0; i < 4; ++i) write_result<T>(p, b, head0 + j, e + i, r[i], ms.sum[j], ms.mx[j], vs);
+                for (int i = 0; i < 4; ++i) store_y<T>(p, b, head0 + j, e + i, r[i] * ms.inv[j]);
             }
         }
     } else {
@@ -283,7 +296,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, const float*
             float acc = 0.f;
 #pragma unroll 16
             for (int s = 0; s < p.num_splits; ++s) acc = fmaf(ms.w[s][j], __ldcg(all_o + (s * GT + j) * D + e), acc);
-            write_result<T>(p, b, head0 + j, e, acc, ms.sum[j], ms.mx[j], vs);
+            store_y<T>(p, b, head0 + j, e, acc * ms.inv[j]);
         }
     }
 }
@@ -431,29 +444,41 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     const int ch = lane % CPR, h = kRegular ? lane / CPR : 0;
     constexpr int kElemsPerChunk = 16 / (int)sizeof(KV);
     const long long ks_row = p.k_stride[2], vs_row = p.v_stride[2];
-    const KV* k_lane = k + (start + warp * kBlockRows + h) * ks_row + ch * kElemsPerChunk;
-    const KV* v_lane = v + (start + warp * kBlockRows + h) * vs_row + ch * kElemsPerChunk;
     const KV* k_safe = k + start * ks_row;  // a row every non-empty split has
     const KV* v_safe = v + start * vs_row;
+    // This lane's source for the warp's next block, advanced by a constant after each block
+    // (pointer bumps, not a 64-bit row * stride product per copy).
+    const char* k_next = reinterpret_cast<const char*>(
+        k + (start + warp * kBlockRows + h) * ks_row + ch * kElemsPerChunk);
+    const char* v_next = reinterpret_cast<const char*>(
+        v + (start + warp * kBlockRows + h) * vs_row + ch * kElemsPerChunk);
+    const long long k_copy_step = ks_row * (long long)sizeof(KV) * ROW_STEP;
+    const long long v_copy_step = vs_row * (long long)sizeof(KV) * ROW_STEP;
+    const long long k_block_step = ks_row * (long long)sizeof(KV) * kWarps * kBlockRows;
+    const long long v_block_step = vs_row * (long long)sizeof(KV) * kWarps * kBlockRows;
 
-    // Issue the cp.async copies of this warp's i-th block into ring slot i % STAGES.
+    // Issue the cp.async copies of this warp's i-th block into ring slot i % STAGES; called
+    // for i = 0, 1, 2, ... in order.
     auto load_block = [&](int i) {
         const long long left = end - block_row(i);
         const int valid = left < kBlockRows ? (int)left : kBlockRows;
         unsigned char* ks_ = ring + (i % STAGES) * 2 * L::kBlockBytes;
         unsigned char* vs_ = ks_ + L::kBlockBytes;
         if constexpr (kRegular) {
-            const long long step = (long long)i * kWarps * kBlockRows;
-            const KV* kb = k_lane + step * ks_row;
-            const KV* vb = v_lane + step * vs_row;
+            const char* kp = k_next;
+            const char* vp = v_next;
 #pragma unroll
             for (int it = 0; it < kBlockRows / ROW_STEP; ++it) {
                 const int r = h + it * ROW_STEP;
                 const bool ok = r < valid;
                 const int dst = L::kWiden ? r * CPR + ch : swizzle<D>(r, ch);
-                cp_async16(ks_ + dst * 16, ok ? kb + it * ROW_STEP * ks_row : k_safe, ok);
-                cp_async16(vs_ + dst * 16, ok ? vb + it * ROW_STEP * vs_row : v_safe, ok);
+                cp_async16(ks_ + dst * 16, ok ? static_cast<const void*>(kp) : k_safe, ok);
+                cp_async16(vs_ + dst * 16, ok ? static_cast<const void*>(vp) : v_safe, ok);
+                kp += k_copy_step;
+                vp += v_copy_step;
             }
+            k_next += k_block_step;
+            v_next += v_block_step;
         } else {
             const long long row0 = block_row(i);
 #pragma unroll
@@ -494,6 +519,17 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     }
 
     __syncthreads();  // the Q tile
+    // With fp8 K/V the widening already doubles this warp's shared-memory reads; where the
+    // register budget allows (CTAS <= 2), the Q fragments stay in registers instead.
+    constexpr bool kQRegs = L::kWiden && CTAS <= 2 && D <= 128;
+    unsigned qa[kQRegs ? KSTEPS : 1][4];
+    if constexpr (kQRegs) {
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            const int mi = lane / 8;
+            ldmatrix_x4(qa[kk], q_s + swizzle<D>((mi & 1) * 8 + lane % 8, 2 * kk + (mi >> 1)) * 8);
+        }
+    }
 
     for (int i = 0; i < my_blocks; ++i) {
         cp_async_wait<STAGES - 2>();
@@ -545,7 +581,12 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         for (int kk = 0; kk < KSTEPS; ++kk) {
             unsigned a[4], bk[4];
             const int mi = lane / 8;
-            ldmatrix_x4(a, q_s + swizzle<D>((mi & 1) * 8 + lane % 8, 2 * kk + (mi >> 1)) * 8);
+            if constexpr (kQRegs) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) a[c] = qa[kk][c];
+            } else {
+                ldmatrix_x4(a, q_s + swizzle<D>((mi & 1) * 8 + lane % 8, 2 * kk + (mi >> 1)) * 8);
+            }
             ldmatrix_x4(bk, kt + swizzle<D>((mi >> 1) * 8 + lane % 8, 2 * kk + (mi & 1)) * 8);
             float (&acc)[2][4] = (kk & 1) ? s_odd : s;
             Mma<T>::run(acc[0], a, bk[0], bk[1]);
@@ -638,7 +679,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     }
     __syncthreads();
     const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
-    finish<T, kWarps, kMmaHeads>(p, sm_o, D, sm_m, sm_l, ms, b, kv_head, tile, split, vs);
+    finish<T, kWarps, kMmaHeads, D>(p, sm_o, D, sm_m, sm_l, ms, b, kv_head, tile, split, vs);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -801,7 +842,7 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
     }
     __syncthreads();
     const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
-    finish<T, NG, GT>(p, &sm_o[0][0][0], DP, &sm_m[0][0], &sm_l[0][0], ms, b, kv_head, tile,
+    finish<T, NG, GT, 0>(p, &sm_o[0][0][0], DP, &sm_m[0][0], &sm_l[0][0], ms, b, kv_head, tile,
                       split, vs);
 }
 

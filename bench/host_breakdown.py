@@ -1,0 +1,42 @@
+"""Host cost of each piece of DecodePlan.run's fast path on a tiny problem (us per call)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import flashdec
+from flashdec._streams import torch_current_stream
+from flashdec.backends.cuda import _driver
+
+q = torch.randn(1, 8, 64, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(1, 8, 16, 64, device="cuda", dtype=torch.bfloat16)
+v = torch.randn_like(k)
+out = torch.empty_like(q)
+p = flashdec.plan(q, k, v, out, backend="cuda")
+runner, fast = p._runner, p._fast
+launch = runner.fast
+args = (q, k, v, out, None, None, None, None)
+ptrs = fast.pointers(args)
+stream = torch_current_stream(0)
+pieces = {
+    "plan.run": lambda: p.run(q, k, v, out),
+    "pointers": lambda: fast.pointers(args),
+    "current stream": lambda: torch_current_stream(0),
+    "run_pointers": lambda: runner.run_pointers(ptrs, stream),
+    "driver.launch": lambda: _driver.launch(runner.device, launch.fn, launch.grid, 128, stream,
+                                            launch.params_address),
+    "cuLaunchKernel": lambda: _driver.driver.cuLaunchKernel(
+        launch.fn.handle, *launch.grid, 128, 1, 1, launch.fn.dynamic_smem,
+        _driver._streams[stream], launch.params_address, 0),
+}
+for name, fn in pieces.items():
+    for _ in range(500):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5000):
+        fn()
+    torch.cuda.synchronize()
+    print(f"{name:>16}: {(time.perf_counter() - t) / 5000 * 1e6:6.2f} us")
