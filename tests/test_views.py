@@ -517,6 +517,7 @@ def test_capsule_rejected_by_consumer_raises_its_error(kind) -> None:
         np.from_dlpack(view)
     assert not isinstance(info.value, SystemError), f"consumer's error was lost: {info.value!r}"
     assert "Unsupported" in str(info.value)
+    assert len(_dlpack._live) == before + 1, "the refused export must stay pinned"
 
 
 # -- DType names ----------------------------------------------------------------------------------

@@ -325,6 +325,13 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
     -------
     Y (``out`` itself when given), or ``(Y, LSE)`` with ``return_lse`` or ``lse_out``.
 
+    Notes
+    -----
+    With torch tensors, ``decode`` keeps the plans it makes (up to ``PLAN_CACHE_SIZE``, least
+    recently used dropped), keyed by the layouts, scalars, backend, options, stream and thread,
+    so a loop of calls validates and chooses kernels once. Each cached plan holds its split
+    workspace; use :func:`plan` to own that memory explicitly.
+
     Raises
     ------
     ContractError, UnsupportedError, BackendUnavailableError, CompilationError

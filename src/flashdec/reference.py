@@ -79,6 +79,7 @@ def merge_reference(outputs: Sequence[np.ndarray] | np.ndarray,
     """``merge_states`` in float64: N states [B, H, D] with LSEs [B, H] -> (Y, LSE)."""
     ys = np.stack([np.asarray(y, dtype=np.float64) for y in outputs])  # [N, B, H, D]
     ls = np.stack([np.asarray(s, dtype=np.float64) for s in lses])     # [N, B, H]
+    ys = np.where((ls == -np.inf)[..., None], 0.0, ys)  # an empty part adds nothing, even NaN
     # a softmax over the parts, with lse_i as the scores and Y_i as the values
     out, lse = _softmax_states(np.moveaxis(ls, 0, -1)[..., None, :], np.moveaxis(ys, 0, -2))
     return out[..., 0, :], lse[..., 0]

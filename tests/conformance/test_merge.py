@@ -90,6 +90,20 @@ def test_merge_all_parts_empty(backend, device):
     assert torch.all(lse == float("-inf"))
 
 
+def test_merge_empty_part_adds_nothing_even_nan(backend, device):
+    """A part with LSE = -inf has weight 0: whatever its Y holds (here NaN) must not leak."""
+    gen = torch.Generator().manual_seed(56)
+    ys = randn((3, 2, 4, 16), "float32", device, gen)
+    lses = randn((3, 2, 4), "float32", device, gen, scale=3.0)
+    ys[1, 0, 2] = float("nan")
+    lses[1, 0, 2] = float("-inf")
+    out, lse = merge(backend, ys, lses, ys[0])
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    ref, ref_lse = merge_reference(to64(ys), to64(lses))
+    assert relative_error(to64(out), ref) <= TOLERANCE["float32"]
+    assert relative_error(to64(lse), ref_lse) <= 1e-6
+
+
 def test_merge_nan_propagates(backend, device):
     gen = torch.Generator().manual_seed(52)
     ys = randn((3, 2, 4, 16), "float32", device, gen)

@@ -148,7 +148,9 @@ class TorchBackend(Backend):
             for y, lse in zip(outputs, parts):
                 weight = torch.exp(lse - top)
                 total += weight
-                acc += weight[..., None] * _as_torch(torch, y).to(torch.float32)
+                part = weight[..., None] * _as_torch(torch, y).to(torch.float32)
+                # an empty part (weight 0) adds nothing, whatever its Y holds (as in cuda)
+                acc += part.masked_fill((weight == 0)[..., None], 0.0)
             merged = acc / total[..., None]
             empty = (total == 0)[..., None]
             _as_torch(torch, out).copy_(merged.masked_fill(empty, 0.0))

@@ -16,7 +16,7 @@
 //   blocks of K and V through a private cp.async ring of STAGES blocks (no CTA barrier in the
 //   loop), and computes S = Q K^T and O += P V with mma.sync m16n8k16, the group tile's 16
 //   query heads in M (rows past the group are zero). fp8 blocks are widened to Q's type in a
-//   per-warp buffer before the MMAs. P is rounded to Q's type for the MMA and the softmax sum
+//   per-warp buffer before the MMAs (and Q's fragments then stay in registers). P is rounded to Q's type for the MMA and the softmax sum
 //   adds the rounded values, so Y is an exact weighted mean of V under slightly moved weights.
 // - decode_simt_kernel (everything else: fp32, any stride or alignment, any head_dim):
 //   thread groups of TPR lanes own ROWS consecutive rows per tile in registers; lane `lane`
@@ -25,8 +25,9 @@
 // Epilogue (finish): the per-warp / per-thread-group states merge in shared memory in a fixed
 // order. With one split the CTA writes Y (and LSE). With several, each CTA writes its fp32
 // partial (o, max, sum) to the workspace and the last CTA of a (batch, kv_head, tile) to arrive
-// (an integer counter that it resets, so CUDA-graph replays work) merges them in split order:
-// deterministic. NaN in Q reaches its head: maxima keep NaN and -inf guards compare with ==.
+// (an integer counter that it resets, so CUDA-graph replays work) merges them in a fixed
+// order (a warp per head for the weights, float4 columns over the splits): deterministic.
+// NaN in Q reaches its head: maxima keep NaN and -inf guards compare with ==.
 //
 // merge_states_kernel combines N partial states (Y_i, LSE_i) of the same queries over disjoint
 // keys, one CTA per (b, h), parts in index order.
