@@ -20,9 +20,23 @@ from ._registry import Backend, available_backends, get_backend, register_backen
 from ._views import Device, TensorMut, TensorRef
 from . import backends as _backends  # registers the built-in backends
 
+
+def precompile(*args, **kwargs) -> int:
+    """Compile the cuda backend's kernels into the disk cache ahead of time; see
+    :func:`flashdec.backends.cuda.precompile` (``dtypes``, ``head_dims``, ``group_sizes``,
+    ``kv_dtypes``, ``arch``). Needs cuda-python and NVRTC, not a GPU when ``arch`` is given."""
+    try:
+        from .backends.cuda import precompile as cuda_precompile
+    except ImportError as exc:
+        raise BackendUnavailableError(f"precompile needs the cuda backend: {exc}; pip install "
+                                      f"'flashdec[cuda]'") from exc
+    return cuda_precompile(*args, **kwargs)
+
+
 __all__ = [
     "__version__",
     "decode",
+    "precompile",
     "plan",
     "DecodePlan",
     "merge_states",

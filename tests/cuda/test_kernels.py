@@ -15,7 +15,8 @@ from flashdec._views import Device  # noqa: E402
 from flashdec.backends.cuda import DecodeParams, MergeParams, precompile  # noqa: E402
 from flashdec._errors import CompilationError  # noqa: E402
 from flashdec.backends.cuda._compiler import clear_memory_cache, compile_cubin, nvrtc_version  # noqa: E402
-from flashdec.backends.cuda._kernels import (MAX_SPLITS, MmaSpec, choose_kernels,  # noqa: E402
+from flashdec.backends.cuda._kernels import (MAX_SPLITS, RAGGED_SPLIT_FACTOR, MmaSpec,  # noqa: E402
+                                             choose_kernels,
                                              merge_kernel, shipped_kernels, source,
                                              split_layout, workspace_layout)
 
@@ -85,10 +86,46 @@ def test_precompile_with_explicit_arch_needs_no_gpu(tmp_path, monkeypatch):
     assert len(list((tmp_path / "kernels").glob("*.cubin"))) == 4
     assert precompile(dtypes=["bfloat16"], kv_dtypes=["float8_e4m3fn"], head_dims=[128],
                       group_sizes=[8], arch="sm_90") == 2  # MMA + element-wise
+    import flashdec
+
+    assert flashdec.precompile(dtypes=["float16"], head_dims=[64], group_sizes=[1],
+                               arch="sm_90") == 3  # the public entry point
 
 
-def _problem(batch, hq, hkv, kv_len, d, dtype=DType.bfloat16):
-    return DecodeProblem(batch, hq, hkv, kv_len, d, dtype, 1.0, Device("cuda", 0))
+def _problem(batch, hq, hkv, kv_len, d, dtype=DType.bfloat16, **features):
+    return DecodeProblem(batch, hq, hkv, kv_len, d, dtype, 1.0, Device("cuda", 0), **features)
+
+
+@pytest.mark.parametrize("dtype,kv_dtype,head_dim,vector,expected", [
+    ("bfloat16", "bfloat16", 128, True, "mma"), ("float16", "float16", 64, True, "mma"),
+    ("bfloat16", "float8_e4m3fn", 256, True, "mma"), ("float16", "float8_e5m2", 192, True, "mma"),
+    ("bfloat16", "bfloat16", 128, False, "simt-1"), ("bfloat16", "bfloat16", 80, True, "simt-8"),
+    ("bfloat16", "float8_e4m3fn", 80, True, "simt-1"), ("float32", "float32", 128, True, "simt-4"),
+])
+def test_kernel_choice(dtype, kv_dtype, head_dim, vector, expected):
+    """16-bit Q with aligned rows and D a multiple of 64 takes the MMA kernel; the rest the
+    SIMT kernel (16-byte loads where the layout and dtype allow); the fallback for a
+    misaligned pointer is always the element-wise kernel of the same group tile."""
+    problem = _problem(1, 32, 8, 4096, head_dim, DType(dtype), kv_dtype=DType(kv_dtype))
+    fast, slow = choose_kernels(problem, vector_strides=vector)
+    got = "mma" if isinstance(fast, MmaSpec) else f"simt-{fast.vec}"
+    assert got == expected
+    assert slow.vec == 1 and slow.kv_dtype == problem.kv_dtype
+
+
+def test_split_rule_fills_one_wave_and_more_with_seqlens():
+    """One wave: B * H_kv * tiles * splits close to num_sms * split_ctas_per_sm, fewer only
+    where splits would get under MIN_SPLIT_ROWS; seqlens asks for RAGGED_SPLIT_FACTOR more."""
+    for shape in [(1, 32, 8, 32768, 128), (8, 32, 8, 8192, 128), (1, 32, 32, 8192, 128)]:
+        problem = _problem(*shape)
+        spec = choose_kernels(problem, vector_strides=True)[0]
+        split = split_layout(problem, spec, num_sms=132)
+        ctas = shape[0] * shape[2] * split.num_splits
+        assert 132 * spec.split_ctas_per_sm // 2 < ctas <= 132 * spec.split_ctas_per_sm
+        ragged = split_layout(_problem(*shape, seqlens=True), spec, num_sms=132)
+        assert ragged.num_splits >= min(MAX_SPLITS, split.num_splits * RAGGED_SPLIT_FACTOR) // 2
+    big = _problem(64, 32, 8, 2048, 128)
+    assert split_layout(big, choose_kernels(big, True)[0], num_sms=132).num_splits == 1
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 8, 4096, 128), (1, 32, 8, 131072, 128),
