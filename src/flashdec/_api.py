@@ -16,7 +16,7 @@ from ._dtypes import DType
 from ._errors import ContractError
 from ._registry import Backend, Runner, select_backend
 from ._streams import dlpack_stream, stream_handle, torch_current_stream
-from ._views import Device, TensorMut, TensorRef
+from ._views import Device, TensorMut, TensorRef, extent_bytes
 
 __all__ = ["decode", "plan", "DecodePlan", "merge_states"]
 
@@ -134,7 +134,9 @@ class _TorchFastPath:
                           (torch.Size(layout[0]), tuple(layout[1]),
                            getattr(torch, layout[2].torch_name), layout[3].index)
                           for layout in planned)
-        self.extents = tuple(None if layout is None else _extent(layout) for layout in planned)
+        self.extents = tuple(None if layout is None else
+                             extent_bytes(layout[0], layout[1], layout[2].itemsize)
+                             for layout in planned)
         device = torch.device("cuda", problem.device.index)
         self.out_alloc = (problem.out_shape, getattr(torch, problem.dtype.torch_name), device)
         self.lse_alloc = (problem.lse_shape, torch.float32, device)
@@ -163,14 +165,6 @@ class _TorchFastPath:
                 if i != o and ptr is not None and self.extents[i] and ptr < hi and lo < ptr + self.extents[i]:
                     return None
         return tuple(ptrs)
-
-
-def _extent(layout: Layout) -> int:
-    """Bytes from a view's first element to one past its last (0 when empty)."""
-    shape, strides, dtype, _ = layout
-    if 0 in shape:
-        return 0
-    return (sum((n - 1) * s for n, s in zip(shape, strides)) + 1) * dtype.itemsize
 
 
 class DecodePlan:

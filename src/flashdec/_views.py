@@ -145,10 +145,7 @@ class TensorRef:
 
     def span_bytes(self) -> tuple[int, int]:
         """[first, last) byte addresses the view can touch; empty for zero elements."""
-        if self.numel == 0:
-            return (self.ptr, self.ptr)
-        last = sum((e - 1) * s for e, s in zip(self.shape, self.strides))
-        return (self.ptr, self.ptr + (last + 1) * self._itemsize)
+        return (self.ptr, self.ptr + extent_bytes(self.shape, self.strides, self._itemsize))
 
     def __repr__(self) -> str:
         dtype = self.dtype.value if isinstance(self.dtype, DType) else self.dtype
@@ -190,6 +187,13 @@ class TensorMut(TensorRef):
             return view
         return cls(view.ptr, view.dtype, view.shape, view.strides, view.device,
                    readonly=False, owner=view.owner)
+
+
+def extent_bytes(shape: Sequence[int], strides: Sequence[int], itemsize: int) -> int:
+    """Bytes from a view's first element to one past its last (strides >= 0); 0 when empty."""
+    if 0 in shape:
+        return 0
+    return (sum((e - 1) * s for e, s in zip(shape, strides)) + 1) * itemsize
 
 
 def _from_torch(cls, x: Any) -> TensorRef:

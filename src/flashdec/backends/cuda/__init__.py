@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from ..._contract import DecodeArgs, DecodeProblem, Layout, MergeProblem
 from ..._dtypes import DType
-from ..._errors import ContractError, UnsupportedError
+from ..._errors import ContractError
 from ..._registry import Backend
 from ..._views import Device, TensorMut, TensorRef
 from . import _driver
@@ -277,8 +277,6 @@ class CudaBackend(Backend):
 
     def merge(self, problem: MergeProblem, outputs: Sequence[TensorRef], lses: Sequence[TensorRef],
               out: TensorMut, lse_out: TensorMut, stream: int | None) -> None:
-        if problem.num_parts > MAX_MERGE_PARTS:
-            raise UnsupportedError(self.supports_merge(problem))
         if problem.batch * problem.num_heads == 0:
             return
         device = _driver.device_info(problem.device.index)

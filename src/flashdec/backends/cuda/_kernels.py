@@ -159,14 +159,9 @@ def _mma_fits(dtype: DType, head_dim: int) -> bool:
     return dtype in MMA_DTYPES and head_dim % 64 == 0 and head_dim <= MAX_HEAD_DIM
 
 
-def choose_kernels(problem: DecodeProblem, vector_strides: bool) -> tuple[KernelSpec, SimtSpec]:
-    """(kernel for 16-byte aligned K/V pointers, element-wise kernel for any pointer).
-
-    ``vector_strides``: K and V have unit innermost stride and every other stride a multiple
-    of 16 bytes, so aligned base pointers make every row 16-byte aligned.
-    """
-    dtype, kv, d = problem.dtype, problem.kv_dtype, problem.head_dim
-    slow = _simt(dtype, kv, 1, d, _simt_group_tile(problem.group_size))
+def _select(dtype: DType, kv: DType, d: int, group_size: int,
+            vector_strides: bool) -> tuple[KernelSpec, SimtSpec]:
+    slow = _simt(dtype, kv, 1, d, _simt_group_tile(group_size))
     if vector_strides and _mma_fits(dtype, d):
         return _mma(dtype, kv, d), slow
     vec = VECTOR_BYTES // dtype.itemsize
@@ -175,16 +170,20 @@ def choose_kernels(problem: DecodeProblem, vector_strides: bool) -> tuple[Kernel
     return slow, slow
 
 
+def choose_kernels(problem: DecodeProblem, vector_strides: bool) -> tuple[KernelSpec, SimtSpec]:
+    """(kernel for 16-byte aligned K/V pointers, element-wise kernel for any pointer).
+
+    ``vector_strides``: K and V have unit innermost stride and every other stride a multiple
+    of 16 bytes, so aligned base pointers make every row 16-byte aligned.
+    """
+    return _select(problem.dtype, problem.kv_dtype, problem.head_dim, problem.group_size,
+                   vector_strides)
+
+
 def kernels_for(dtype: DType, kv_dtype: DType, head_dim: int, group_size: int) -> set[KernelSpec]:
-    """Every kernel a problem of this shape can select (any layout, any pointer)."""
-    group_tile = _simt_group_tile(group_size)
-    specs = {_simt(dtype, kv_dtype, 1, head_dim, group_tile)}
-    if _mma_fits(dtype, head_dim):
-        specs.add(_mma(dtype, kv_dtype, head_dim))
-    vec = VECTOR_BYTES // dtype.itemsize
-    if kv_dtype == dtype and head_dim % vec == 0:
-        specs.add(_simt(dtype, kv_dtype, vec, head_dim, group_tile))
-    return specs
+    """Every kernel a problem of this shape can select (any layout, any pointer): the choice
+    with vector strides holds the element-wise kernel every other layout takes."""
+    return set(_select(dtype, kv_dtype, head_dim, group_size, vector_strides=True))
 
 
 def kv_dtypes_for(dtype: DType) -> tuple[DType, ...]:
