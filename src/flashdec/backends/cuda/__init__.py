@@ -221,10 +221,8 @@ class _Runner:
     def _upload_seqlens(self, seqlens: TensorRef, stream: int) -> None:
         import numpy
 
-        n, stride = seqlens.shape[0], seqlens.strides[0]
-        raw = (ctypes.c_int32 * ((n - 1) * stride + 1)).from_address(seqlens.ptr) if n else []
-        values = numpy.ascontiguousarray(numpy.ctypeslib.as_array(raw)[::stride] if n else
-                                         numpy.zeros(0), dtype=numpy.int32)
+        # read as check_host_seqlens reads it (any stride, stride 0 included)
+        values = numpy.ascontiguousarray(numpy.from_dlpack(seqlens), dtype=numpy.int32)
         self._host_copy = values  # alive until the copy has run (pageable: copied at once)
         _driver.copy_to_device_async(self.device, self.seqlens_ptr, values.ctypes.data,
                                      values.nbytes, stream)
