@@ -47,6 +47,27 @@ constexpr int kMaxMergeParts = 32;
 #define FLASHDEC_NEG_INF (-__int_as_float(0x7f800000))
 #define FLASHDEC_LN2 0.6931471805599453f
 
+// Development timeline (bench/trace_case.py compiles with -DFLASHDEC_TRACE): thread 0 of each
+// CTA stamps %globaltimer at fixed points of the MMA kernel into flashdec_trace[cta][point].
+#ifdef FLASHDEC_TRACE
+}  // namespace flashdec
+__device__ unsigned long long flashdec_trace[1 << 16][16];
+namespace flashdec {
+__device__ __forceinline__ void trace_point(int point) {
+    if (threadIdx.x == 0) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        const unsigned cta = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+        if (cta < (1u << 16)) { ::flashdec_trace[cta][point] = t; ::flashdec_trace[cta][15] = sm; }
+    }
+}
+#define FLASHDEC_TRACE_POINT(i) ::flashdec::trace_point(i)
+#else
+#define FLASHDEC_TRACE_POINT(i) ((void)0)
+#endif
+
 struct DecodeParams {
     const void* q;
     const void* k;
@@ -207,31 +228,62 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
         if (p.num_splits == 1) store_y<T>(p, b, head0 + j, e, acc * ms.inv[j]);
         else part_o[j * D + e] = acc;
     }
-    if (p.num_splits == 1) return;
+    if (p.num_splits == 1) { FLASHDEC_TRACE_POINT(3); return; }
 
     // Publish this split's partial; the last CTA to arrive merges all of them.
-    __threadfence();
+    FLASHDEC_TRACE_POINT(10);
     __syncthreads();
+    FLASHDEC_TRACE_POINT(11);
     if (threadIdx.x == 0) {
-        const int before = atomicAdd(p.arrivals + slot, 1);
+        // One arrival per CTA. Its release publishes every thread's partial (ordered before
+        // it by the barrier above; a release is cumulative); the last CTA's acquire fence
+        // makes every other CTA's partial visible to it (and, through the barrier below, to
+        // all its threads). A release costs a MEMBAR.ALL, where __threadfence's seq_cst
+        // fence costs a MEMBAR.SC (bench/NOTES.md).
+        int before;
+        asm volatile("atom.add.release.gpu.global.s32 %0, [%1], 1;"
+                     : "=r"(before) : "l"(p.arrivals + slot) : "memory");
         ms.last = before == p.num_splits - 1;
-        if (ms.last) p.arrivals[slot] = 0;  // ready for the next launch or graph replay
+        if (ms.last) {
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");
+            p.arrivals[slot] = 0;  // ready for the next launch or graph replay
+        }
     }
     __syncthreads();
+    FLASHDEC_TRACE_POINT(3);
     if (!ms.last) return;
-    __threadfence();
+    FLASHDEC_TRACE_POINT(6);
 
     // The merge runs after every other CTA of the slot, so its latency is the kernel's tail:
-    // every step below issues all its loads at once instead of one split after another.
+    // no load waits on another. This thread's first kPrefetch partial columns (o does not
+    // depend on the weights) are issued together with the split maxima and sums.
     const float* all_o = p.partial_o + slot * p.num_splits * GT * D;
     const float* all_ml = p.partial_ml + slot * p.num_splits * GT * 2;
+    // sum_s w_s o_s runs over float4 columns (idx: head idx * 4 / D, element idx * 4 % D);
+    // when there are fewer columns than threads, PARTS threads share one, each taking every
+    // PARTS-th split, and add up in part order.
+    constexpr int kPrefetch = 16;
+    const bool vec4 = (D & 3) == 0;
+    const int groups = vec4 ? heads * D / 4 : 1;
+    const int parts = vec4 ? max(1, min(kThreads / groups, p.num_splits)) : 1;
+    const int part = threadIdx.x / groups;
+    const int col0 = threadIdx.x % groups;
+    const bool has_col = vec4 && part < parts;
+    float4 pre[kPrefetch];
+#pragma unroll
+    for (int k = 0; k < kPrefetch; ++k) {
+        const int s = part + k * parts;
+        if (has_col && s < p.num_splits)
+            pre[k] = __ldcg(reinterpret_cast<const float4*>(all_o + s * GT * D + col0 * 4));
+    }
     float (*split_m)[GT] = reinterpret_cast<float (*)[GT]>(sm_o);  // NG * ldo >= kMaxSplits
-    for (int idx = threadIdx.x; idx < p.num_splits * GT; idx += kThreads) {
-        const int s = idx / GT, j = idx % GT;
-        split_m[s][j] = __ldcg(all_ml + idx * 2);
-        ms.w[s][j] = __ldcg(all_ml + idx * 2 + 1);  // the split's sum, until weighted below
+    for (int idx = threadIdx.x; idx < p.num_splits * heads; idx += kThreads) {
+        const int s = idx / heads, j = idx % heads;
+        split_m[s][j] = __ldcg(all_ml + (s * GT + j) * 2);
+        ms.w[s][j] = __ldcg(all_ml + (s * GT + j) * 2 + 1);  // the split's sum, until weighted below
     }
     __syncthreads();
+    FLASHDEC_TRACE_POINT(8);
     // A warp per head: the max and the weights exp2(m_s - max) over the splits, lanes
     // striding the splits, reduced in a fixed shuffle order (deterministic).
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -252,24 +304,26 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
         if (lane == 0) ms.inv[j] = finish_head(p, b, head0 + j, mx, sum, vs);
     }
     __syncthreads();
-    if ((D & 3) == 0) {
-        // sum_s w_s o_s over float4 groups; when there are fewer groups than threads, PARTS
-        // threads share a group, each taking every PARTS-th split, and add up in part order.
-        const int groups = heads * D / 4;
-        const int parts = max(1, min(kThreads / groups, p.num_splits));
-        const int part = threadIdx.x / groups;
-        for (int idx = threadIdx.x % groups + (part < parts ? 0 : groups * kThreads); idx < groups;
+    FLASHDEC_TRACE_POINT(9);
+    if (vec4) {
+        auto add = [](float4& acc, float w, const float4& x) {
+            acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
+            acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
+        };
+        for (int idx = col0 + (has_col ? 0 : groups * kThreads); idx < groups;
              idx += (parts == 1 ? kThreads : groups)) {
             const int j = idx * 4 / D, e = idx * 4 % D;
-            const float* src = all_o + j * D + e;
+            const float* src = all_o + idx * 4;
             float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 16
-            for (int s = part; s < p.num_splits; s += parts) {
-                const float4 x = __ldcg(reinterpret_cast<const float4*>(src + s * GT * D));
-                const float w = ms.w[s][j];
-                acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
-                acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
+            int s = part;
+            if (idx == col0) {
+#pragma unroll
+                for (int k = 0; k < kPrefetch; ++k, s += parts)
+                    if (s < p.num_splits) add(acc, ms.w[s][j], pre[k]);
             }
+#pragma unroll 16
+            for (; s < p.num_splits; s += parts)
+                add(acc, ms.w[s][j], __ldcg(reinterpret_cast<const float4*>(src + s * GT * D)));
             if (parts == 1) {
                 const float r[4] = {acc.x, acc.y, acc.z, acc.w};
 #pragma unroll
@@ -410,6 +464,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     static_assert(D % 64 == 0 && D <= 256, "head_dim is a multiple of 64, at most 256");
     static_assert(sizeof(T) == 2, "Q is float16 or bfloat16");
 
+    FLASHDEC_TRACE_POINT(0);
     extern __shared__ __align__(128) unsigned char smem[];
     T* q_s = reinterpret_cast<T*>(smem);
     unsigned char* main_s = smem + L::kQBytes;
@@ -427,6 +482,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     const long long end = min(hi, (long long)(split + 1) * p.split_rows);
     const int blocks = end > start ? (int)((end - start + kBlockRows - 1) / kBlockRows) : 0;
     const int my_blocks = blocks > warp ? (blocks - warp + kWarps - 1) / kWarps : 0;
+    FLASHDEC_TRACE_POINT(12);
 
     const float ks = kv_scale(p.k_scale, p.k_scale_stride, p.k_scale_value, kv_head);
     const float qk = p.qk_scale * ks;
@@ -504,8 +560,10 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         if (s < my_blocks) load_block(s);
         cp_async_commit();
     }
+    FLASHDEC_TRACE_POINT(13);
     // Q tile -> shared (16-bit, swizzled), zero rows past the group; after the first K/V
-    // copies are in flight, so its latency hides behind theirs.
+    // copies are in flight, so its latency hides behind theirs (loading Q first, or filling
+    // the whole ring first, measured slower: bench/NOTES.md).
     {
         const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
 #pragma unroll
@@ -520,6 +578,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     }
 
     __syncthreads();  // the Q tile
+    FLASHDEC_TRACE_POINT(5);
     // With fp8 K/V the widening already doubles this warp's shared-memory reads; where the
     // register budget allows (CTAS <= 2), the Q fragments stay in registers instead.
     constexpr bool kQRegs = L::kWiden && CTAS <= 2 && D <= 128;
@@ -535,6 +594,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     for (int i = 0; i < my_blocks; ++i) {
         cp_async_wait<STAGES - 2>();
         __syncwarp();
+        if (i == 0) FLASHDEC_TRACE_POINT(1);
         if (i + STAGES - 1 < my_blocks) load_block(i + STAGES - 1);
         cp_async_commit();
 
@@ -663,6 +723,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
     }
     __syncthreads();  // every warp is done with its ring: reuse it for the states
+    FLASHDEC_TRACE_POINT(2);
     float* sm_o = reinterpret_cast<float*>(main_s);                 // [kWarps][16][D]
     float* sm_m = sm_o + kWarps * kMmaHeads * D;                     // [kWarps][16]
     float* sm_l = sm_m + kWarps * kMmaHeads;
@@ -681,6 +742,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     __syncthreads();
     const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
     finish<T, kWarps, kMmaHeads, D>(p, sm_o, D, sm_m, sm_l, ms, b, kv_head, tile, split, vs);
+    FLASHDEC_TRACE_POINT(4);
 }
 
 // ---------------------------------------------------------------------------------------
