@@ -74,12 +74,10 @@ class MmaSpec:
     def smem_bytes(self) -> int:
         """Dynamic shared memory: MmaSmem<...>::kBytes in decode.cu (a CI test checks)."""
         d, kv = self.head_dim, self.kv_dtype.itemsize
-        widen = kv != self.dtype.itemsize
         ring = WARPS * self.stages * 2 * BLOCK_ROWS * d * kv
-        wide = WARPS * 2 * BLOCK_ROWS * d * 2 if widen else 0
         merge = THREADS * 16 + (MAX_SPLITS + 1) * MMA_HEADS * 4 + 16  # MergeSmem<16>, padded
         state = WARPS * MMA_HEADS * (d + 2) * 4 + merge
-        return MMA_HEADS * d * 2 + max(ring + wide, state)
+        return MMA_HEADS * d * 2 + max(ring, state)
 
 
 @dataclass(frozen=True)
@@ -122,8 +120,8 @@ KernelSpec = MmaSpec | SimtSpec
 
 def _mma_ctas_per_sm(kv_dtype: DType, head_dim: int) -> int:
     """More resident warps hide more of each warp's per-block latency; the ring (at least two
-    stages a warp) and the fp8 widening buffer bound how many CTAs fit. fp8 K/V at D=128 take
-    two, whose register budget keeps Q's fragments in registers (decode.cu's kQRegs)."""
+    stages a warp) bounds how many CTAs fit. fp8 K/V at D=128 take two, whose register budget
+    keeps Q's fragments in registers (decode.cu's kQRegs)."""
     if head_dim > 128:
         return 1
     if head_dim <= 64:
@@ -135,7 +133,7 @@ def _mma(dtype: DType, kv_dtype: DType, head_dim: int) -> MmaSpec:
     """The MMA kernel with as many ring stages as its CTAs-per-SM budget allows (2..8)."""
     d, kv = head_dim, kv_dtype.itemsize
     ctas = _mma_ctas_per_sm(kv_dtype, d)
-    fixed = MMA_HEADS * d * 2 + (WARPS * 2 * BLOCK_ROWS * d * 2 if kv != dtype.itemsize else 0)
+    fixed = MMA_HEADS * d * 2
     stage = WARPS * 2 * BLOCK_ROWS * d * kv
     stages = max(2, min(8, (SMEM_PER_SM // ctas - SMEM_RESERVED - fixed) // stage))
     return MmaSpec(dtype, kv_dtype, d, stages, ctas)

@@ -433,21 +433,33 @@ template <int D>
 __device__ __forceinline__ int swizzle(int row, int chunk) {
     return row * (D / 8) + (chunk ^ (row & 7));
 }
+// The same for an fp8 tile (D / 16 chunks a row, a multiple of 4): 8 consecutive rows at one
+// chunk still land in 8 different bank groups.
+template <int D>
+__device__ __forceinline__ int swizzle_fp8(int row, int chunk) {
+    constexpr int kChunks = D / 16;
+    return row * kChunks + (kChunks % 8 == 0 ? chunk ^ (row & 7) : chunk ^ ((row >> 1) & 3));
+}
+
+// Two fp8 values (low byte first) -> a 16-bit pair of type T (exact: fp8 fits fp16 and bf16).
+template <typename T, typename KV>
+__device__ __forceinline__ unsigned fp8x2_to(unsigned two) {
+    return Mma<T>::widen2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu),
+                                                     Fp8Kind<KV>::value));
+}
 
 // Dynamic shared memory of the MMA kernel, per CTA: the Q tile, then per warp a ring of
-// STAGES K/V blocks (in the KV type), then per warp one widened block (fp8 only). After the
-// main loop the ring holds the warp states and the split-merge scratch instead.
+// STAGES K/V blocks (in the KV type). After the main loop the ring holds the warp states and
+// the split-merge scratch instead.
 template <typename T, typename KV, int D, int STAGES>
 struct MmaSmem {
-    static constexpr bool kWiden = sizeof(KV) != sizeof(T);
+    static constexpr bool kFp8 = sizeof(KV) == 1;
     static constexpr int kQBytes = kMmaHeads * D * 2;
     static constexpr int kBlockBytes = kBlockRows * D * (int)sizeof(KV);   // one of K or V
     static constexpr int kRingBytes = kWarps * STAGES * 2 * kBlockBytes;
-    static constexpr int kWideBytes = kWiden ? kWarps * 2 * kBlockRows * D * 2 : 0;
     static constexpr int kStateBytes = kWarps * kMmaHeads * (D + 2) * 4 + (int)sizeof(MergeSmem<kMmaHeads>);
     static_assert(kWarps * D >= kMaxSplits, "the warp states hold the split maxima");
-    static constexpr int kMainBytes = kRingBytes + kWideBytes;
-    static constexpr int kBytes = kQBytes + (kMainBytes > kStateBytes ? kMainBytes : kStateBytes);
+    static constexpr int kBytes = kQBytes + (kRingBytes > kStateBytes ? kRingBytes : kStateBytes);
 };
 
 template <typename T, typename KV, int D, int STAGES>
@@ -489,7 +501,6 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
     const KV* v = static_cast<const KV*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[1];
     unsigned char* ring = main_s + warp * STAGES * 2 * L::kBlockBytes;
-    T* wide = reinterpret_cast<T*>(main_s + L::kRingBytes + warp * 2 * kBlockRows * D * 2);
 
     // This warp's i-th block starts at row block_row(i); rows at or past `end` are neither
     // read nor used (zero-filled, masked).
@@ -528,7 +539,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
             for (int it = 0; it < kBlockRows / ROW_STEP; ++it) {
                 const int r = h + it * ROW_STEP;
                 const bool ok = r < valid;
-                const int dst = L::kWiden ? r * CPR + ch : swizzle<D>(r, ch);
+                const int dst = L::kFp8 ? swizzle_fp8<D>(r, ch) : swizzle<D>(r, ch);
                 cp_async16(ks_ + dst * 16, ok ? static_cast<const void*>(kp) : k_safe, ok);
                 cp_async16(vs_ + dst * 16, ok ? static_cast<const void*>(vp) : v_safe, ok);
                 kp += k_copy_step;
@@ -543,7 +554,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
                 const int c = lane + it * 32;
                 const int r = c / CPR, cc = c % CPR;
                 const bool ok = r < valid;
-                const int dst = L::kWiden ? r * CPR + cc : swizzle<D>(r, cc);
+                const int dst = L::kFp8 ? swizzle_fp8<D>(r, cc) : swizzle<D>(r, cc);
                 cp_async16(ks_ + dst * 16, ok ? k + (row0 + r) * ks_row + cc * kElemsPerChunk : k_safe, ok);
                 cp_async16(vs_ + dst * 16, ok ? v + (row0 + r) * vs_row + cc * kElemsPerChunk : v_safe, ok);
             }
@@ -579,16 +590,28 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
 
     __syncthreads();  // the Q tile
     FLASHDEC_TRACE_POINT(5);
-    // With fp8 K/V the widening already doubles this warp's shared-memory reads; where the
-    // register budget allows (CTAS <= 2), the Q fragments stay in registers instead.
-    constexpr bool kQRegs = L::kWiden && CTAS <= 2 && D <= 128;
+    // Q's A fragment for k-step kk. With fp8 K/V the 16 dimensions of a k-step are taken in
+    // the order the K fragments come out of the fp8 bytes (below): this thread's k = 2t, 2t+1
+    // are dimensions 4t, 4t+1 and k = 2t+8, 2t+9 are 4t+2, 4t+3 (a dot product does not care
+    // about the order, as long as Q and K agree).
+    auto q_frag = [&](int kk, unsigned (&a)[4]) {
+        if constexpr (L::kFp8) {
+            const int e = 16 * kk + 4 * t;
+            auto pair = [&](int row, int d) {
+                return *reinterpret_cast<const unsigned*>(q_s + swizzle<D>(row, d / 8) * 8 + d % 8);
+            };
+            a[0] = pair(g, e); a[1] = pair(g + 8, e); a[2] = pair(g, e + 2); a[3] = pair(g + 8, e + 2);
+        } else {
+            const int mi = lane / 8;
+            ldmatrix_x4(a, q_s + swizzle<D>((mi & 1) * 8 + lane % 8, 2 * kk + (mi >> 1)) * 8);
+        }
+    };
+    // Where the register budget allows (fp8 at CTAS <= 2), the Q fragments stay in registers.
+    constexpr bool kQRegs = L::kFp8 && CTAS <= 2 && D <= 128;
     unsigned qa[kQRegs ? KSTEPS : 1][4];
     if constexpr (kQRegs) {
 #pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) {
-            const int mi = lane / 8;
-            ldmatrix_x4(qa[kk], q_s + swizzle<D>((mi & 1) * 8 + lane % 8, 2 * kk + (mi >> 1)) * 8);
-        }
+        for (int kk = 0; kk < KSTEPS; ++kk) q_frag(kk, qa[kk]);
     }
 
     for (int i = 0; i < my_blocks; ++i) {
@@ -598,38 +621,9 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         if (i + STAGES - 1 < my_blocks) load_block(i + STAGES - 1);
         cp_async_commit();
 
-        const T* kt;
-        const T* vt;
-        if constexpr (L::kWiden) {
-            // fp8 block -> 16-bit swizzled block in this warp's buffer.
-            const unsigned char* src = ring + (i % STAGES) * 2 * L::kBlockBytes;
-#pragma unroll
-            for (int it = 0; it < 2 * kBlockRows * CPR / 32; ++it) {
-                const int c = lane + it * 32;          // over K's chunks then V's
-                const int r = (c / CPR) % kBlockRows, ch = c % CPR, which = c / (CPR * kBlockRows);
-                const uint4 raw = *reinterpret_cast<const uint4*>(src + c * 16);
-                const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-                unsigned wide_w[8];
-#pragma unroll
-                for (int w = 0; w < 4; ++w) {
-                    wide_w[2 * w] = Mma<T>::widen2(__nv_cvt_fp8x2_to_halfraw2(
-                        (__nv_fp8x2_storage_t)(words[w] & 0xffffu), Fp8Kind<KV>::value));
-                    wide_w[2 * w + 1] = Mma<T>::widen2(__nv_cvt_fp8x2_to_halfraw2(
-                        (__nv_fp8x2_storage_t)(words[w] >> 16), Fp8Kind<KV>::value));
-                }
-                T* dst = wide + which * kBlockRows * D;
-                *reinterpret_cast<uint4*>(dst + swizzle<D>(r, 2 * ch) * 8) =
-                    make_uint4(wide_w[0], wide_w[1], wide_w[2], wide_w[3]);
-                *reinterpret_cast<uint4*>(dst + swizzle<D>(r, 2 * ch + 1) * 8) =
-                    make_uint4(wide_w[4], wide_w[5], wide_w[6], wide_w[7]);
-            }
-            __syncwarp();
-            kt = wide;
-            vt = wide + kBlockRows * D;
-        } else {
-            kt = reinterpret_cast<const T*>(ring + (i % STAGES) * 2 * L::kBlockBytes);
-            vt = kt + kBlockRows * D;
-        }
+        const unsigned char* kt = ring + (i % STAGES) * 2 * L::kBlockBytes;
+        const unsigned char* vt = kt + L::kBlockBytes;
+        const int mi = lane / 8;
 
         // S^T tiles: s[n][.] = heads (g, g+8) x rows (n*8 + 2t, +1), accumulated in two
         // chains (even and odd k-steps) so that consecutive MMAs do not wait on each other.
@@ -638,20 +632,46 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         for (int n = 0; n < 2; ++n)
 #pragma unroll
             for (int c = 0; c < 4; ++c) s[n][c] = s_odd[n][c] = 0.f;
+        if constexpr (L::kFp8) {
+            // ldmatrix on the fp8 bytes as 16-bit words: 8 rows x 16 bytes per matrix, lane
+            // (g, t) gets bytes 4t..4t+3 of row g, i.e. dimensions 4t..4t+3 of the k-step;
+            // their low pair is this lane's b0 and the high pair its b1 (Q's order above).
+            // One x4 covers two k-steps (chunks kk, kk+1) of both 8-row n-tiles.
 #pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) {
-            unsigned a[4], bk[4];
-            const int mi = lane / 8;
-            if constexpr (kQRegs) {
+            for (int kk = 0; kk < KSTEPS; kk += 2) {
+                unsigned r[4];
+                ldmatrix_x4(r, kt + swizzle_fp8<D>((mi & 1) * 8 + lane % 8, kk + (mi >> 1)) * 16);
 #pragma unroll
-                for (int c = 0; c < 4; ++c) a[c] = qa[kk][c];
-            } else {
-                ldmatrix_x4(a, q_s + swizzle<D>((mi & 1) * 8 + lane % 8, 2 * kk + (mi >> 1)) * 8);
+                for (int h = 0; h < 2; ++h) {
+                    unsigned a[4];
+                    if constexpr (kQRegs) {
+#pragma unroll
+                        for (int c = 0; c < 4; ++c) a[c] = qa[kk + h][c];
+                    } else {
+                        q_frag(kk + h, a);
+                    }
+                    float (&acc)[2][4] = h ? s_odd : s;
+#pragma unroll
+                    for (int n = 0; n < 2; ++n)
+                        Mma<T>::run(acc[n], a, fp8x2_to<T, KV>(r[2 * h + n]),
+                                    fp8x2_to<T, KV>(r[2 * h + n] >> 16));
+                }
             }
-            ldmatrix_x4(bk, kt + swizzle<D>((mi >> 1) * 8 + lane % 8, 2 * kk + (mi & 1)) * 8);
-            float (&acc)[2][4] = (kk & 1) ? s_odd : s;
-            Mma<T>::run(acc[0], a, bk[0], bk[1]);
-            Mma<T>::run(acc[1], a, bk[2], bk[3]);
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; ++kk) {
+                unsigned a[4], bk[4];
+                if constexpr (kQRegs) {
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) a[c] = qa[kk][c];
+                } else {
+                    q_frag(kk, a);
+                }
+                ldmatrix_x4(bk, kt + swizzle<D>((mi >> 1) * 8 + lane % 8, 2 * kk + (mi & 1)) * 16);
+                float (&acc)[2][4] = (kk & 1) ? s_odd : s;
+                Mma<T>::run(acc[0], a, bk[0], bk[1]);
+                Mma<T>::run(acc[1], a, bk[2], bk[3]);
+            }
         }
 #pragma unroll
         for (int n = 0; n < 2; ++n)
@@ -704,14 +724,35 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
             }
         }
 
-        // O += P V: V^T fragments by transposing ldmatrix, two n-tiles per load.
+        // O += P V: V^T fragments by transposing ldmatrix.
+        if constexpr (L::kFp8) {
+            // Transposing ldmatrix on the fp8 bytes as 16-bit words: lane (g, t) gets, for rows
+            // 2t and 2t+1 (and 8+2t, 9+2t from the second matrix), the byte pair of dimensions
+            // 2g, 2g+1 of the chunk. Bytes 0,2 make the B fragment of the n-tile of even
+            // dimensions, bytes 1,3 that of the odd ones: n-tile 2c + odd holds dimensions
+            // 16c + 2n + odd (the epilogue puts them back in order).
 #pragma unroll
-        for (int n = 0; n < NT; n += 2) {
-            unsigned bv[4];
-            const int mi = lane / 8;
-            ldmatrix_x4_trans(bv, vt + swizzle<D>((mi & 1) * 8 + lane % 8, n + (mi >> 1)) * 8);
-            Mma<T>::run(o[n], pa, bv[0], bv[1]);
-            Mma<T>::run(o[n + 1], pa, bv[2], bv[3]);
+            for (int c = 0; c < D / 16; c += 2) {
+                unsigned r[4];
+                ldmatrix_x4_trans(r, vt + swizzle_fp8<D>((mi & 1) * 8 + lane % 8, c + (mi >> 1)) * 16);
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int odd = 0; odd < 2; ++odd) {
+                        const unsigned sel = odd ? 0x3131u : 0x2020u;
+                        Mma<T>::run(o[2 * (c + h) + odd], pa,
+                                    fp8x2_to<T, KV>(__byte_perm(r[2 * h], 0u, sel)),
+                                    fp8x2_to<T, KV>(__byte_perm(r[2 * h + 1], 0u, sel)));
+                    }
+            }
+        } else {
+#pragma unroll
+            for (int n = 0; n < NT; n += 2) {
+                unsigned bv[4];
+                ldmatrix_x4_trans(bv, vt + swizzle<D>((mi & 1) * 8 + lane % 8, n + (mi >> 1)) * 16);
+                Mma<T>::run(o[n], pa, bv[0], bv[1]);
+                Mma<T>::run(o[n + 1], pa, bv[2], bv[3]);
+            }
         }
     }
     cp_async_wait<0>();
@@ -730,10 +771,13 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     auto& ms = *reinterpret_cast<MergeSmem<kMmaHeads>*>(sm_l + kWarps * kMmaHeads);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-        float* row_g = sm_o + (warp * kMmaHeads + g) * D + n * 8 + 2 * t;
+        // columns 2t, 2t+1 of n-tile n: dimensions n*8 + 2t, +1 (fp8: see the P V product)
+        const int d0 = L::kFp8 ? 16 * (n / 2) + 4 * t + n % 2 : n * 8 + 2 * t;
+        const int step = L::kFp8 ? 2 : 1;
+        float* row_g = sm_o + (warp * kMmaHeads + g) * D + d0;
         float* row_g8 = row_g + 8 * D;
-        row_g[0] = o[n][0]; row_g[1] = o[n][1];
-        row_g8[0] = o[n][2]; row_g8[1] = o[n][3];
+        row_g[0] = o[n][0]; row_g[step] = o[n][1];
+        row_g8[0] = o[n][2]; row_g8[step] = o[n][3];
     }
     if (t == 0) {
         sm_m[warp * kMmaHeads + g] = m[0]; sm_m[warp * kMmaHeads + g + 8] = m[1];
