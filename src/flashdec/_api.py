@@ -141,22 +141,27 @@ class _TorchFastPath:
         self.out_alloc = (problem.out_shape, getattr(torch, problem.dtype.torch_name), device)
         self.lse_alloc = (problem.lse_shape, torch.float32, device)
 
-    def pointers(self, given: tuple) -> tuple | None:
+    def pointers(self, given: tuple, layouts_known: bool = False) -> tuple | None:
         """Data pointers of ``given`` (q, k, v, out, seqlens, k_scale, v_scale, lse) if each
         is a CUDA torch tensor of the planned layout (or absent where the plan has none) and
-        the outputs overlap nothing; else None."""
-        tensor = self.torch.Tensor
-        ptrs = []
-        for x, sig in zip(given, self.sigs):
-            if x is None:
-                if sig is not None:
+        the outputs overlap nothing; else None. ``layouts_known``: the caller has matched
+        every layout already (decode's plan-cache key holds them), so only the overlap is
+        checked."""
+        if layouts_known:
+            ptrs = [None if x is None else x.data_ptr() for x in given]
+        else:
+            tensor = self.torch.Tensor
+            ptrs = []
+            for x, sig in zip(given, self.sigs):
+                if x is None:
+                    if sig is not None:
+                        return None
+                    ptrs.append(None)
+                    continue
+                if (sig is None or type(x) is not tensor or x.get_device() != sig[3]
+                        or x.dtype is not sig[2] or x.shape != sig[0] or x.stride() != sig[1]):
                     return None
-                ptrs.append(None)
-                continue
-            if (sig is None or type(x) is not tensor or x.get_device() != sig[3]
-                    or x.dtype is not sig[2] or x.shape != sig[0] or x.stride() != sig[1]):
-                return None
-            ptrs.append(x.data_ptr())
+                ptrs.append(x.data_ptr())
         for o in (3, 7):  # out and lse against everything else
             if ptrs[o] is None or not self.extents[o]:
                 continue
@@ -208,16 +213,33 @@ class DecodePlan:
         """
         fast = self._fast
         if fast is not None and stream is None and type(q) is fast.torch.Tensor:
-            if out is None:
-                out = fast.torch.empty(fast.out_alloc[0], dtype=fast.out_alloc[1],
-                                       device=fast.out_alloc[2])
-            if lse_out is None and self.problem.return_lse:
-                lse_out = fast.torch.empty(fast.lse_alloc[0], dtype=fast.lse_alloc[1],
-                                           device=fast.lse_alloc[2])
-            ptrs = fast.pointers((q, k, v, out, seqlens, k_scale, v_scale, lse_out))
-            if ptrs is not None:
-                self._runner.run_pointers(ptrs, torch_current_stream(q.get_device()))
-                return (out, lse_out) if self.problem.return_lse else out
+            done = self._run_torch(q, k, v, out, seqlens, k_scale, v_scale, lse_out, None)
+            if done is not None:
+                return done
+        return self._run_general(q, k, v, out, seqlens, k_scale, v_scale, lse_out, stream)
+
+    def _run_torch(self, q: Any, k: Any, v: Any, out: Any, seqlens: Any, k_scale: Any,
+                   v_scale: Any, lse_out: Any, known_stream: int | None) -> Any:
+        """The fast path with CUDA torch tensors, or None to take the general one.
+        ``known_stream``: decode's cache key matched every layout and read the current
+        stream."""
+        fast = self._fast
+        if out is None:
+            out = fast.torch.empty(fast.out_alloc[0], dtype=fast.out_alloc[1],
+                                   device=fast.out_alloc[2])
+        if lse_out is None and self.problem.return_lse:
+            lse_out = fast.torch.empty(fast.lse_alloc[0], dtype=fast.lse_alloc[1],
+                                       device=fast.lse_alloc[2])
+        ptrs = fast.pointers((q, k, v, out, seqlens, k_scale, v_scale, lse_out),
+                             layouts_known=known_stream is not None)
+        if ptrs is None:
+            return None
+        self._runner.run_pointers(ptrs, known_stream if known_stream is not None
+                                  else torch_current_stream(q.get_device()))
+        return (out, lse_out) if self.problem.return_lse else out
+
+    def _run_general(self, q: Any, k: Any, v: Any, out: Any, seqlens: Any, k_scale: Any,
+                     v_scale: Any, lse_out: Any, stream: Any) -> Any:
         handle = stream_handle(stream, q)
         args, scalars = _views(q, k, v, out, seqlens, k_scale, v_scale, lse_out, handle)
         for name, value in scalars.items():
@@ -346,9 +368,16 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
                 while len(_plans) > PLAN_CACHE_SIZE:
                     _plans.popitem(last=False)
         tensor = type(q)
-        return found.run(q, k, v, out, seqlens=seqlens,
-                         k_scale=k_scale if type(k_scale) is tensor else None,
-                         v_scale=v_scale if type(v_scale) is tensor else None, lse_out=lse_out)
+        k_scale = k_scale if type(k_scale) is tensor else None  # floats were fixed by the plan
+        v_scale = v_scale if type(v_scale) is tensor else None
+        current = key[_KEY_STREAM]
+        if found._fast is not None and current is not None:
+            # the key matched every tensor's layout, so the run checks only the overlap
+            done = found._run_torch(q, k, v, out, seqlens, k_scale, v_scale, lse_out, current)
+            if done is not None:
+                return done
+        return found.run(q, k, v, out, seqlens=seqlens, k_scale=k_scale, v_scale=v_scale,
+                         lse_out=lse_out)
     handle = stream_handle(stream, q)
     args, problem, chosen = _validated(q, k, v, out, seqlens, k_scale, v_scale, lse_out,
                                        backend, handle, scale=scale, softcap=softcap,
@@ -362,6 +391,7 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
 # (layouts, scalars, backend, options) plus the stream and thread that use it, so a loop of
 # decode calls pays for validation and kernel choice once. Least recently used go first.
 PLAN_CACHE_SIZE = 64
+_KEY_STREAM = -2  # where _plan_key keeps the current stream (None off the GPU)
 _plans: OrderedDict[tuple, DecodePlan] = OrderedDict()
 _plans_lock = threading.Lock()
 
@@ -389,7 +419,8 @@ def _plan_key(q: Any, k: Any, v: Any, out: Any, seqlens: Any, k_scale: Any, v_sc
     key = (tuple(sigs), scale, softcap, window_left, return_lse,
            backend if backend is not None else _env.backend_choice(),
            tuple(sorted(options.items())),
-           torch_current_stream(device) if device >= 0 else None, threading.get_ident())
+           torch_current_stream(device) if device >= 0 else None,  # key[_KEY_STREAM]
+           threading.get_ident())
     try:
         hash(key)
     except TypeError:

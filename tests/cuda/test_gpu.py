@@ -213,3 +213,19 @@ def test_merge_kernel_matches_one_decode():
                              backend="cuda") for a, b in zip(cuts, cuts[1:])]
     y, lse = flashdec.merge_states([o for o, _ in parts], [s for _, s in parts], backend="cuda")
     _check(y, lse, _reference(q, k, v))
+
+
+def test_cached_decode_checks_only_overlap_and_stays_correct():
+    """decode's plan-cache hit skips the layout checks (its key matched them) but not the
+    overlap check, and a changed layout misses the cache instead of reusing the plan."""
+    q, k, v = make_qkv(1, 16, 4, 700, 128, "bfloat16", "cuda", seed=11)
+    for seed in (11, 12):  # second call: a cache hit with new data
+        q, k, v = make_qkv(1, 16, 4, 700, 128, "bfloat16", "cuda", seed=seed)
+        assert_close(flashdec.decode(q, k, v, poisoned_like(q), backend="cuda"), q, k, v)
+        assert_close(flashdec.decode(q, k, v, backend="cuda"), q, k, v)
+    with pytest.raises(flashdec.ContractError, match="overlap"):
+        flashdec.decode(q, k, v, q, backend="cuda")  # Y written over Q
+    wide = torch.zeros(1, 4, 700, 256, dtype=k.dtype, device="cuda")
+    wide[..., :128] = k
+    assert_close(flashdec.decode(q, wide[..., :128], v, poisoned_like(q), backend="cuda"),
+                 q, k, v)  # new strides: a new plan

@@ -15,9 +15,11 @@
 //   aligned rows with unit innermost stride): each of the 4 warps streams its own 16-row
 //   blocks of K and V through a private cp.async ring of STAGES blocks (no CTA barrier in the
 //   loop), and computes S = Q K^T and O += P V with mma.sync m16n8k16, the group tile's 16
-//   query heads in M (rows past the group are zero). fp8 blocks are widened to Q's type in a
-//   per-warp buffer before the MMAs (and Q's fragments then stay in registers). P is rounded to Q's type for the MMA and the softmax sum
-//   adds the rounded values, so Y is an exact weighted mean of V under slightly moved weights.
+//   query heads in M (rows past the group are zero). fp8 blocks stay fp8 in shared memory:
+//   ldmatrix reads their bytes as 16-bit pairs and each pair is converted to Q's type in
+//   registers (Q's dimensions permuted to the order the K bytes arrive in). P is rounded to
+//   Q's type for the MMA and the softmax sum adds the rounded values, so Y is an exact
+//   weighted mean of V under slightly moved weights.
 // - decode_simt_kernel (everything else: fp32, any stride or alignment, any head_dim):
 //   thread groups of TPR lanes own ROWS consecutive rows per tile in registers; lane `lane`
 //   holds NCH chunks of VEC elements of a row; scores reduce with xor shuffles.
