@@ -192,7 +192,9 @@ struct MergeSmem {
 
 // The CTA's NG partial states (o[NG][GT][ldo], m[NG][GT], l[NG][GT] in shared memory, filled
 // and synchronised by the caller) -> Y and LSE, directly or through the last-CTA split merge.
-template <typename T, int NG, int GT, int DC>
+// PREFETCH: float4 partial columns the merge loads ahead (4 registers each), within the
+// kernel's register budget.
+template <typename T, int NG, int GT, int DC, int PREFETCH = 16>
 __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
                        const float* sm_l, MergeSmem<GT>& ms, int b, int kv_head, int tile,
                        int split, float vs) {
@@ -264,7 +266,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
     // sum_s w_s o_s runs over float4 columns (idx: head idx * 4 / D, element idx * 4 % D);
     // when there are fewer columns than threads, PARTS threads share one, each taking every
     // PARTS-th split, and add up in part order.
-    constexpr int kPrefetch = 16;
+    constexpr int kPrefetch = PREFETCH;
     const bool vec4 = (D & 3) == 0;
     const int groups = vec4 ? heads * D / 4 : 1;
     const int parts = vec4 ? max(1, min(kThreads / groups, p.num_splits)) : 1;
@@ -787,7 +789,8 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     }
     __syncthreads();
     const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
-    finish<T, kWarps, kMmaHeads, D>(p, sm_o, D, sm_m, sm_l, ms, b, kv_head, tile, split, vs);
+    finish<T, kWarps, kMmaHeads, D, CTAS >= 4 ? 8 : 16>(p, sm_o, D, sm_m, sm_l, ms, b, kv_head,
+                                                       tile, split, vs);
     FLASHDEC_TRACE_POINT(4);
 }
 
