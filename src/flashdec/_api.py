@@ -126,7 +126,7 @@ class _TorchFastPath:
     runners with ``run_pointers`` and device-side (not host) ``seqlens``.
     """
 
-    __slots__ = ("torch", "sigs", "extents", "out_alloc", "lse_alloc")
+    __slots__ = ("torch", "sigs", "checks", "absent", "overlaps", "out_alloc", "lse_alloc")
 
     def __init__(self, torch: Any, problem: DecodeProblem, planned: DecodeArgs) -> None:
         self.torch = torch
@@ -134,9 +134,16 @@ class _TorchFastPath:
                           (torch.Size(layout[0]), tuple(layout[1]),
                            getattr(torch, layout[2].torch_name), layout[3].index)
                           for layout in planned)
-        self.extents = tuple(None if layout is None else
-                             extent_bytes(layout[0], layout[1], layout[2].itemsize)
-                             for layout in planned)
+        # (index, signature) of each planned tensor, the indices of the others, and the
+        # (output, other) pairs of non-empty planned tensors whose byte ranges must not meet
+        self.checks = tuple((i, sig) for i, sig in enumerate(self.sigs) if sig is not None)
+        self.absent = tuple(i for i, sig in enumerate(self.sigs) if sig is None)
+        extents = [None if layout is None else extent_bytes(layout[0], layout[1], layout[2].itemsize)
+                   for layout in planned]
+        self.overlaps = tuple((o, i, extents[o], extents[i])
+                              for o in (DecodeArgs._fields.index("out"), DecodeArgs._fields.index("lse"))
+                              for i in range(len(planned))
+                              if i != o and extents[o] and extents[i])
         device = torch.device("cuda", problem.device.index)
         self.out_alloc = (problem.out_shape, getattr(torch, problem.dtype.torch_name), device)
         self.lse_alloc = (problem.lse_shape, torch.float32, device)
@@ -147,29 +154,21 @@ class _TorchFastPath:
         the outputs overlap nothing; else None. ``layouts_known``: the caller has matched
         every layout already (decode's plan-cache key holds them), so only the overlap is
         checked."""
-        if layouts_known:
-            ptrs = [None if x is None else x.data_ptr() for x in given]
-        else:
+        if not layouts_known:
             tensor = self.torch.Tensor
-            ptrs = []
-            for x, sig in zip(given, self.sigs):
-                if x is None:
-                    if sig is not None:
-                        return None
-                    ptrs.append(None)
-                    continue
-                if (sig is None or type(x) is not tensor or x.get_device() != sig[3]
-                        or x.dtype is not sig[2] or x.shape != sig[0] or x.stride() != sig[1]):
+            for i, sig in self.checks:
+                x = given[i]
+                if (type(x) is not tensor or x.get_device() != sig[3] or x.dtype is not sig[2]
+                        or x.shape != sig[0] or x.stride() != sig[1]):
                     return None
-                ptrs.append(x.data_ptr())
-        for o in (3, 7):  # out and lse against everything else
-            if ptrs[o] is None or not self.extents[o]:
-                continue
-            lo, hi = ptrs[o], ptrs[o] + self.extents[o]
-            for i, ptr in enumerate(ptrs):
-                if i != o and ptr is not None and self.extents[i] and ptr < hi and lo < ptr + self.extents[i]:
-                    return None
-        return tuple(ptrs)
+            for i in self.absent:
+                if given[i] is not None:
+                    return None  # a tensor the plan does not have
+        ptrs = tuple(None if x is None else x.data_ptr() for x in given)
+        for o, i, extent_o, extent_i in self.overlaps:
+            if ptrs[i] < ptrs[o] + extent_o and ptrs[o] < ptrs[i] + extent_i:
+                return None
+        return ptrs
 
 
 class DecodePlan:

@@ -229,3 +229,21 @@ def test_cached_decode_checks_only_overlap_and_stays_correct():
     wide[..., :128] = k
     assert_close(flashdec.decode(q, wide[..., :128], v, poisoned_like(q), backend="cuda"),
                  q, k, v)  # new strides: a new plan
+
+
+def test_plan_run_fast_path_falls_back_to_named_errors():
+    """plan.run's torch fast path hands every mismatch to the general path, which names it."""
+    q, k, v = make_qkv(2, 16, 4, 300, 128, "bfloat16", "cuda", seed=13)
+    lengths = torch.tensor([300, 17], dtype=torch.int32, device="cuda")
+    plan = flashdec.plan(q, k, v, seqlens=lengths, backend="cuda")
+    out = plan.run(q, k, v, poisoned_like(q), seqlens=lengths)
+    assert_close(out, q, k, v, seqlens=lengths)
+    lse = torch.empty(2, 16, dtype=torch.float32, device="cuda")
+    with pytest.raises(flashdec.ContractError, match="lse_out was not planned"):
+        plan.run(q, k, v, seqlens=lengths, lse_out=lse)
+    with pytest.raises(flashdec.ContractError, match="seqlens is missing"):
+        plan.run(q, k, v)
+    with pytest.raises(flashdec.ContractError, match="does not match the plan"):
+        plan.run(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, seqlens=lengths)
+    with pytest.raises(flashdec.ContractError, match="overlap"):
+        plan.run(q, k, v, q, seqlens=lengths)
