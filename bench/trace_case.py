@@ -17,6 +17,7 @@ import torch
 
 import flashdec
 import flashdec.backends.cuda as cuda_backend
+from case import make_case
 from flashdec.backends.cuda import _driver
 
 POINTS = ("entry", "rows_known", "kv_issued", "q_ready", "first_kv", "loop_done", "states_done",
@@ -65,14 +66,8 @@ def pct(x, q):
 
 
 def case(spec: str, splits: int | None, flush: torch.Tensor) -> None:
-    fields = spec.split(",")
-    b, hq, hkv, klen, d = map(int, fields[:5])
-    kv_t = getattr(torch, fields[5]) if len(fields) > 5 else torch.bfloat16
-    scales = {"k_scale": 1.0, "v_scale": 1.0} if kv_t != torch.bfloat16 else {}
-    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(b, hkv, klen, d, device="cuda", dtype=torch.bfloat16).to(kv_t)
-    v = torch.randn(b, hkv, klen, d, device="cuda", dtype=torch.bfloat16).to(kv_t)
-    out = torch.empty_like(q)
+    q, k, v, out, scales = make_case(spec)
+    b, _, hkv, klen, d = map(int, spec.split(",")[:5])
     p = flashdec.plan(q, k, v, out, backend="cuda", num_splits=splits, **scales)
     launch = p._runner.fast
     us, g = graph_us(lambda: p.run(q, k, v, out), flush)

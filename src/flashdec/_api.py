@@ -417,7 +417,7 @@ def _plan_key(q: Any, k: Any, v: Any, out: Any, seqlens: Any, k_scale: Any, v_sc
     device = q.get_device()
     key = (tuple(sigs), scale, softcap, window_left, return_lse,
            backend if backend is not None else _env.backend_choice(),
-           tuple(sorted(options.items())),
+           tuple(sorted(options.items())) if options else (),
            torch_current_stream(device) if device >= 0 else None,  # key[_KEY_STREAM]
            threading.get_ident())
     try:

@@ -364,44 +364,56 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
 // MMA kernel
 // ---------------------------------------------------------------------------------------
 
-template <typename T> struct Mma;
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                               unsigned b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-                     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ unsigned pack(float lo, float hi, float& rlo, float& rhi) {
-        const __half2 h = __floats2half2_rn(lo, hi);
-        const float2 f = __half22float2(h);
-        rlo = f.x; rhi = f.y;
-        return *reinterpret_cast<const unsigned*>(&h);
-    }
-    static __device__ __forceinline__ unsigned widen2(__half2_raw h) {
-        return *reinterpret_cast<const unsigned*>(&h);
-    }
+template <typename A, typename B> constexpr bool kSame = false;
+template <typename A> constexpr bool kSame<A, A> = true;
+
+// A pair of 16-bit values of type T: packing two floats (round to nearest) and unpacking.
+template <typename T> struct Pair;
+template <> struct Pair<__half> {
+    static __device__ __forceinline__ __half2 pack(float lo, float hi) { return __floats2half2_rn(lo, hi); }
+    static __device__ __forceinline__ float2 unpack(__half2 h) { return __half22float2(h); }
 };
-template <> struct Mma<__nv_bfloat16> {
+template <> struct Pair<__nv_bfloat16> {
+    static __device__ __forceinline__ __nv_bfloat162 pack(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
+    static __device__ __forceinline__ float2 unpack(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+};
+
+template <typename X>
+__device__ __forceinline__ unsigned bits(const X& x) { return *reinterpret_cast<const unsigned*>(&x); }
+
+// What the MMA kernel does in Q's type T (float16 or bfloat16).
+template <typename T>
+struct Mma {
+    // d += a b, m16n8k16, fp32 accumulators.
     static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0,
                                                unsigned b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-                     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        if constexpr (kSame<T, __half>) {
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                         "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        } else {
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                         "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        }
     }
+    // Two floats rounded to T, packed; rlo, rhi get the rounded values back.
     static __device__ __forceinline__ unsigned pack(float lo, float hi, float& rlo, float& rhi) {
-        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        const float2 f = __bfloat1622float2(h);
+        const auto h = Pair<T>::pack(lo, hi);
+        const float2 f = Pair<T>::unpack(h);
         rlo = f.x; rhi = f.y;
-        return *reinterpret_cast<const unsigned*>(&h);
+        return bits(h);
     }
-    // fp8 values are exact in fp16 and in bf16, so fp8 -> fp16 -> fp32 -> bf16 is exact.
+    // Two fp8 values as fp16 -> T (exact: fp8 values are exact in fp16 and in bf16).
     static __device__ __forceinline__ unsigned widen2(__half2_raw h) {
-        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
-        const __nv_bfloat162 r = __floats2bfloat162_rn(f.x, f.y);
-        return *reinterpret_cast<const unsigned*>(&r);
+        if constexpr (kSame<T, __half>) {
+            return bits(h);
+        } else {
+            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+            return bits(Pair<T>::pack(f.x, f.y));
+        }
     }
 };
 
