@@ -677,12 +677,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
 #pragma unroll
             for (int kk = 0; kk < KSTEPS; ++kk) {
                 unsigned a[4], bk[4];
-                if constexpr (kQRegs) {
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) a[c] = qa[kk][c];
-                } else {
-                    q_frag(kk, a);
-                }
+                q_frag(kk, a);  // 16-bit K/V: Q's fragments are never kept in registers
                 ldmatrix_x4(bk, kt + swizzle<D>((mi >> 1) * 8 + lane % 8, 2 * kk + (mi & 1)) * 16);
                 float (&acc)[2][4] = (kk & 1) ? s_odd : s;
                 Mma<T>::run(acc[0], a, bk[0], bk[1]);
