@@ -126,18 +126,18 @@ class _TorchFastPath:
     runners with ``run_pointers`` and device-side (not host) ``seqlens``.
     """
 
-    __slots__ = ("torch", "sigs", "checks", "absent", "overlaps", "out_alloc", "lse_alloc")
+    __slots__ = ("torch", "checks", "absent", "overlaps", "out_alloc", "lse_alloc")
 
     def __init__(self, torch: Any, problem: DecodeProblem, planned: DecodeArgs) -> None:
         self.torch = torch
-        self.sigs = tuple(None if layout is None else
-                          (torch.Size(layout[0]), tuple(layout[1]),
-                           getattr(torch, layout[2].torch_name), layout[3].index)
-                          for layout in planned)
+        sigs = [None if layout is None else
+                (torch.Size(layout[0]), tuple(layout[1]), getattr(torch, layout[2].torch_name),
+                 layout[3].index)
+                for layout in planned]
         # (index, signature) of each planned tensor, the indices of the others, and the
         # (output, other) pairs of non-empty planned tensors whose byte ranges must not meet
-        self.checks = tuple((i, sig) for i, sig in enumerate(self.sigs) if sig is not None)
-        self.absent = tuple(i for i, sig in enumerate(self.sigs) if sig is None)
+        self.checks = tuple((i, sig) for i, sig in enumerate(sigs) if sig is not None)
+        self.absent = tuple(i for i, sig in enumerate(sigs) if sig is None)
         extents = [None if layout is None else extent_bytes(layout[0], layout[1], layout[2].itemsize)
                    for layout in planned]
         self.overlaps = tuple((o, i, extents[o], extents[i])
@@ -369,14 +369,16 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
         tensor = type(q)
         k_scale = k_scale if type(k_scale) is tensor else None  # floats were fixed by the plan
         v_scale = v_scale if type(v_scale) is tensor else None
-        current = key[_KEY_STREAM]
-        if found._fast is not None and current is not None:
-            # the key matched every tensor's layout, so the run checks only the overlap
-            done = found._run_torch(q, k, v, out, seqlens, k_scale, v_scale, lse_out, current)
-            if done is not None:
-                return done
-        return found.run(q, k, v, out, seqlens=seqlens, k_scale=k_scale, v_scale=v_scale,
-                         lse_out=lse_out)
+        if found._fast is None:
+            return found.run(q, k, v, out, seqlens=seqlens, k_scale=k_scale, v_scale=v_scale,
+                             lse_out=lse_out)
+        # the key matched every tensor's layout (and read the stream), so the run checks only
+        # the overlap; an overlap goes straight to the general path, which names it
+        done = found._run_torch(q, k, v, out, seqlens, k_scale, v_scale, lse_out,
+                                key[_KEY_STREAM])
+        if done is not None:
+            return done
+        return found._run_general(q, k, v, out, seqlens, k_scale, v_scale, lse_out, None)
     handle = stream_handle(stream, q)
     args, problem, chosen = _validated(q, k, v, out, seqlens, k_scale, v_scale, lse_out,
                                        backend, handle, scale=scale, softcap=softcap,
