@@ -12,9 +12,10 @@ import torch
 import flashdec
 from flashdec.bench import _time, rotation_sets
 
-SHAPES = ["1,32,8,4096,128", "1,32,8,32768,128", "8,32,8,8192,128", "1,64,8,65536,128",
-          "4,16,8,16384,256", "1,32,32,8192,128", "1,32,8,32768,128,float8_e4m3fn"]
-SPLITS = (None, 1, 4, 8, 16, 22, 29, 33, 44, 66, 99, 128)
+SHAPES = ["1,32,8,4096,128", "1,32,8,16384,128", "1,32,8,32768,128", "8,32,8,8192,128",
+          "16,32,8,1024,128", "1,8,1,65536,128", "1,8,1,262144,128", "4,32,1,65536,128",
+          "1,32,32,8192,96", "4,16,8,16384,256", "1,32,8,32768,128,float8_e4m3fn"]
+SPLITS = (None, 1, 4, 8, 16, 24, 33, 48, 66, 99, 132, 198, 264, 396, 512)
 
 for text in sys.argv[1:] or SHAPES:
     fields = text.split(",")
@@ -32,5 +33,6 @@ for text in sys.argv[1:] or SHAPES:
     for splits in SPLITS:
         p = flashdec.plan(q[0], k[0], v[0], out[0], backend="cuda", num_splits=splits, **scales)
         us = _time(lambda i: p.run(q[i], k[i], v[i], out[i]), sets, graph=True, iters=30)
-        cells.append(f"{splits or 'auto'}:{us:.1f}({p._runner.fast.split.num_splits})")
-    print(text, f"floor {kv_bytes / 2.95e6:.1f}", " ".join(cells), flush=True)
+        split = p._runner.fast.split
+        cells.append(f"{splits or 'auto'}:{us:.1f}({split.num_splits}{'c' if split.combine else ''})")
+    print(text, f"floor {kv_bytes / 4.2e6:.1f}", " ".join(cells), flush=True)

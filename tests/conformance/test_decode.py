@@ -18,7 +18,7 @@ pytestmark = pytest.mark.parametrize("backend,device", BACKENDS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [1, 8, 32, 64, 80, 96, 128, 192, 256])
+@pytest.mark.parametrize("head_dim", [1, 8, 32, 64, 80, 96, 112, 128, 160, 192, 256])
 def test_head_dims(backend, device, dtype, head_dim):
     q, k, v = make_qkv(1, 8, 2, 257, head_dim, dtype, device, seed=head_dim)
     assert_close(run(backend, q, k, v), q, k, v)

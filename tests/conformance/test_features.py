@@ -93,7 +93,7 @@ def test_fp8_kv(backend, device, kv_dtype, dtype, scales):
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)
-@pytest.mark.parametrize("head_dim", [64, 128, 192, 256])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 192, 256])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_fp8_head_dims_and_groups(backend, device, kv_dtype, head_dim, group):
     q, k, v = make_qkv(2, 2 * group, 2, 333, head_dim, "bfloat16", device,

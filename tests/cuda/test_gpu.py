@@ -34,7 +34,68 @@ def test_num_splits_overrides_agree(dtype):
                        outs[2].view(torch.int16 if dtype != "float32" else torch.int32))
 
 
-@pytest.mark.parametrize("bad", [0, 129, 2.0, True, "4"])
+@pytest.mark.parametrize("dtype,kv_dtype", [("bfloat16", "bfloat16"), ("float16", "float8_e4m3fn"),
+                                           ("float32", "float32")])
+@pytest.mark.parametrize("splits", [None, 40, 129, 512])
+def test_combine_kernel_merges_many_splits_deterministically(dtype, kv_dtype, splits):
+    """Few KV heads: the default layout has more splits than the last-CTA merge takes, so the
+    combine kernel merges (also at 40 splits of a 16-head tile: past COMBINE_ABOVE_BYTES);
+    rows of a split past seqlens and a window are skipped; bitwise equal on a second run."""
+    from flashdec.backends.cuda._kernels import MAX_FUSED_SPLITS
+
+    q, k, v = make_qkv(1, 16, 1, 70000, 128, dtype, "cuda", seed=splits or 3)
+    scales = {}
+    if kv_dtype != dtype:
+        k, v = k.to(getattr(torch, kv_dtype)), v.to(getattr(torch, kv_dtype))
+        scales = {"k_scale": 0.5, "v_scale": 2.0}
+    lse = torch.full((1, 16), float("nan"), device="cuda")
+    p = flashdec.plan(q, k, v, backend="cuda", num_splits=splits, lse_out=lse, **scales)
+    split = p._runner.fast.split
+    assert split.combine and split.num_splits > (MAX_FUSED_SPLITS if splits is None else 1)
+    out, lse = p.run(q, k, v, poisoned_like(q), lse_out=lse)
+    _check(out, lse, _reference(q, k, v, **scales))
+    again, _ = p.run(q, k, v, poisoned_like(q), lse_out=torch.empty_like(lse))
+    assert torch.equal(again.view(torch.uint8), out.view(torch.uint8))
+    seqlens = torch.tensor([33333], dtype=torch.int32, device="cuda")
+    y = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda", num_splits=splits,
+                        seqlens=seqlens, window_left=20000, **scales)
+    assert_close(y, q, k[:, :, 13332:33333], v[:, :, 13332:33333], **scales)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96, 112, 160])
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float8_e5m2"])
+def test_mma_kernel_serves_head_dims_not_multiples_of_64(head_dim, kv_dtype):
+    """head_dims that are multiples of 16 but not of 64 take the tensor-core kernel (fp8
+    rounds the MMA width up to 32 with zero padding) and match the reference, with one split
+    and with several."""
+    from flashdec.backends.cuda._kernels import MmaSpec
+
+    q, k, v = make_qkv(2, 12, 2, 1500, head_dim, "bfloat16", "cuda", seed=head_dim)
+    scales = {}
+    if kv_dtype != "bfloat16":
+        k, v = k.to(getattr(torch, kv_dtype)), v.to(getattr(torch, kv_dtype))
+        scales = {"k_scale": 1.0, "v_scale": 1.0}
+    for splits in (1, 7):
+        p = flashdec.plan(q, k, v, backend="cuda", num_splits=splits, **scales)
+        assert isinstance(p._runner.fast.spec, MmaSpec), p._runner.fast.spec
+        assert_close(p.run(q, k, v, poisoned_like(q)), q, k, v, **scales)
+
+
+def test_q_tile_by_plain_loads_when_rows_are_not_16_byte_chunks():
+    """Q strided by an odd number of elements cannot be copied by cp.async: the plan says so
+    (q_vector 0) and the MMA kernel loads it element-wise, with the same result."""
+    q_wide, k, v = make_qkv(2, 16, 4, 900, 128, "bfloat16", "cuda", seed=5)
+    q_odd = torch.empty(2, 16, 131, dtype=torch.bfloat16, device="cuda")[..., :128]
+    q_odd.copy_(q_wide)
+    fast = flashdec.plan(q_wide, k, v, backend="cuda")
+    slow = flashdec.plan(q_odd, k, v, backend="cuda")
+    assert fast._runner.fast.params.q_vector == 1 and slow._runner.fast.params.q_vector == 0
+    a, b = fast.run(q_wide, k, v, poisoned_like(q_wide)), slow.run(q_odd, k, v, poisoned_like(q_wide))
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    assert_close(b, q_wide, k, v)
+
+
+@pytest.mark.parametrize("bad", [0, 513, 2.0, True, "4"])
 def test_bad_num_splits(bad):
     q, k, v = make_qkv(1, 8, 2, 64, 64, "bfloat16", "cuda")
     with pytest.raises((flashdec.ContractError, TypeError), match="num_splits"):

@@ -15,9 +15,10 @@ from flashdec._views import Device  # noqa: E402
 from flashdec.backends.cuda import DecodeParams, MergeParams, precompile  # noqa: E402
 from flashdec._errors import CompilationError  # noqa: E402
 from flashdec.backends.cuda._compiler import clear_memory_cache, compile_cubin, nvrtc_version  # noqa: E402
-from flashdec.backends.cuda._kernels import (MAX_SPLITS, RAGGED_SPLIT_FACTOR, MmaSpec,  # noqa: E402
-                                             choose_kernels,
-                                             merge_kernel, shipped_kernels, source,
+from flashdec.backends.cuda._kernels import (DEFAULT_BANDWIDTH, MAX_FUSED_SPLITS,  # noqa: E402
+                                             MAX_SPLITS, RAGGED_SPLIT_FACTOR, MmaSpec,
+                                             choose_kernels, combine_kernel, merge_kernel,
+                                             shipped_kernels, source, split_cost,
                                              split_layout, workspace_layout)
 
 FAMILIES = ["float16", "bfloat16", "float32", "float16/float8_e4m3fn", "bfloat16/float8_e4m3fn",
@@ -44,6 +45,7 @@ def test_every_shipped_kernel_compiles_without_fast_path_spills(arch, family):
     names = [s.name_expression for s in specs]
     if "/" not in family:
         names.append(merge_kernel(specs[0].dtype))
+        names += [combine_kernel(specs[0].dtype, d) for d in (128, 81)]  # float4 and scalar
     module = compile_cubin(source(), names, arch, source_name="decode.cu")
     resources = module.resources()
     assert set(resources) == set(names)
@@ -81,15 +83,16 @@ def test_precompile_with_explicit_arch_needs_no_gpu(tmp_path, monkeypatch):
     import flashdec.backends.cuda as cuda_backend
 
     monkeypatch.setattr(cuda_backend, "_compiled", {})  # kernels earlier tests compiled
-    n = precompile(dtypes=["bfloat16"], head_dims=[128, 80], group_sizes=[4], arch="sm_90")
-    assert n == 4  # MMA and element-wise SIMT for D=128; 16-byte and element-wise SIMT for D=80
-    assert len(list((tmp_path / "kernels").glob("*.cubin"))) == 4
+    n = precompile(dtypes=["bfloat16"], head_dims=[128, 72], group_sizes=[4], arch="sm_90")
+    assert n == 5  # MMA + element-wise SIMT for D=128, 16-byte + element-wise SIMT for D=72,
+    # and the float4 combine kernel both share
+    assert len(list((tmp_path / "kernels").glob("*.cubin"))) == 5
     assert precompile(dtypes=["bfloat16"], kv_dtypes=["float8_e4m3fn"], head_dims=[128],
-                      group_sizes=[8], arch="sm_90") == 2  # MMA + element-wise
+                      group_sizes=[8], arch="sm_90") == 3  # MMA + element-wise + combine
     import flashdec
 
     assert flashdec.precompile(dtypes=["float16"], head_dims=[64], group_sizes=[1],
-                               arch="sm_90") == 2  # the public entry point: MMA + element-wise
+                               arch="sm_90") == 3  # the public entry point
 
 
 def _problem(batch, hq, hkv, kv_len, d, dtype=DType.bfloat16, **features):
@@ -99,13 +102,16 @@ def _problem(batch, hq, hkv, kv_len, d, dtype=DType.bfloat16, **features):
 @pytest.mark.parametrize("dtype,kv_dtype,head_dim,vector,expected", [
     ("bfloat16", "bfloat16", 128, True, "mma"), ("float16", "float16", 64, True, "mma"),
     ("bfloat16", "float8_e4m3fn", 256, True, "mma"), ("float16", "float8_e5m2", 192, True, "mma"),
-    ("bfloat16", "bfloat16", 128, False, "simt-1"), ("bfloat16", "bfloat16", 80, True, "simt-8"),
-    ("bfloat16", "float8_e4m3fn", 80, True, "simt-1"), ("float32", "float32", 128, True, "simt-4"),
+    ("bfloat16", "bfloat16", 128, False, "simt-1"), ("bfloat16", "bfloat16", 80, True, "mma"),
+    ("bfloat16", "float8_e4m3fn", 80, True, "mma"), ("float16", "float16", 112, True, "mma"),
+    ("bfloat16", "bfloat16", 16, True, "simt-8"), ("bfloat16", "bfloat16", 72, True, "simt-8"),
+    ("bfloat16", "bfloat16", 48, True, "simt-8"),
+    ("bfloat16", "float8_e4m3fn", 72, True, "simt-1"), ("float32", "float32", 128, True, "simt-4"),
 ])
 def test_kernel_choice(dtype, kv_dtype, head_dim, vector, expected):
-    """16-bit Q with aligned rows and D a multiple of 64 takes the MMA kernel; the rest the
-    SIMT kernel (16-byte loads where the layout and dtype allow); the fallback for a
-    misaligned pointer is always the element-wise kernel of the same group tile."""
+    """16-bit Q with aligned rows and D in MMA_HEAD_DIMS takes the MMA kernel;
+    the rest the SIMT kernel (16-byte loads where the layout and dtype allow); the fallback
+    for a misaligned pointer is always the element-wise kernel of the same group tile."""
     problem = _problem(1, 32, 8, 4096, head_dim, DType(dtype), kv_dtype=DType(kv_dtype))
     fast, slow = choose_kernels(problem, vector_strides=vector)
     got = "mma" if isinstance(fast, MmaSpec) else f"simt-{fast.vec}"
@@ -113,19 +119,66 @@ def test_kernel_choice(dtype, kv_dtype, head_dim, vector, expected):
     assert slow.vec == 1 and slow.kv_dtype == problem.kv_dtype
 
 
-def test_split_rule_fills_one_wave_and_more_with_seqlens():
-    """One wave: B * H_kv * tiles * splits close to num_sms * split_ctas_per_sm, fewer only
-    where splits would get under MIN_SPLIT_ROWS; seqlens asks for RAGGED_SPLIT_FACTOR more."""
-    for shape in [(1, 32, 8, 32768, 128), (8, 32, 8, 8192, 128), (1, 32, 32, 8192, 128)]:
+def test_split_rule_takes_the_cheapest_layout_and_more_with_seqlens():
+    """The automatic count is the split_cost minimum over every distinct layout, never more
+    than one wave of resident CTAs; one split where the batch fills the GPU; seqlens cut
+    RAGGED_SPLIT_FACTOR times finer."""
+    for shape in [(1, 32, 8, 32768, 128), (8, 32, 8, 8192, 128), (1, 32, 32, 8192, 128),
+                  (1, 8, 1, 262144, 128), (2, 16, 16, 5000, 96)]:
         problem = _problem(*shape)
         spec = choose_kernels(problem, vector_strides=True)[0]
         split = split_layout(problem, spec, num_sms=132)
-        ctas = shape[0] * shape[2] * split.num_splits
-        assert 132 * spec.split_ctas_per_sm // 2 < ctas <= 132 * spec.split_ctas_per_sm
+        chosen = split_cost(problem, spec, 132, DEFAULT_BANDWIDTH, split.num_splits)
+        for other in range(1, min(MAX_SPLITS, problem.kv_len // 128) + 1):
+            assert chosen <= split_cost(problem, spec, 132, DEFAULT_BANDWIDTH, other) + 1e-9
+        ctas = shape[0] * shape[2] * split.num_group_tiles * split.num_splits
+        assert split.num_splits == 1 or ctas <= 132 * spec.ctas_per_sm
         ragged = split_layout(_problem(*shape, seqlens=True), spec, num_sms=132)
         assert ragged.num_splits >= min(MAX_SPLITS, split.num_splits * RAGGED_SPLIT_FACTOR) // 2
     big = _problem(64, 32, 8, 2048, 128)
     assert split_layout(big, choose_kernels(big, True)[0], num_sms=132).num_splits == 1
+
+
+def test_split_cost_model_follows_the_measured_shape_of_the_h200_sweep():
+    """bench/NOTES.md v4's sweep: one CTA per SM beats a partial second one at one KV head
+    group (16 splits of (1,32,8,32768) over 24), a full wave beats half a wave for MQA, and
+    a batch that fills the GPU splits no further."""
+    def cost(shape, splits):
+        problem = _problem(*shape)
+        return split_cost(problem, choose_kernels(problem, True)[0], 132, DEFAULT_BANDWIDTH,
+                          splits)
+    assert cost((1, 32, 8, 32768, 128), 16) < cost((1, 32, 8, 32768, 128), 24)
+    assert cost((1, 8, 1, 65536, 128), 132) < cost((1, 8, 1, 65536, 128), 66)
+    assert cost((16, 32, 8, 1024, 128), 1) < cost((16, 32, 8, 1024, 128), 2)
+
+
+def test_few_kv_heads_split_past_the_fused_merge_into_the_combine_kernel():
+    """B x H_kv = 1: about one split per SM, whose partials are past what the last-CTA merge
+    reads quickly, so the combine kernel merges (and always past MAX_FUSED_SPLITS); a batch
+    that fills the GPU needs no merge; small per-slot partials stay with the last-CTA
+    merge."""
+    mqa = _problem(1, 8, 1, 65536, 128)
+    spec = choose_kernels(mqa, True)[0]
+    split = split_layout(mqa, spec, num_sms=132)
+    assert 64 < split.num_splits <= 132 * spec.ctas_per_sm and split.combine
+    assert not split_layout(mqa, spec, num_sms=132, num_splits=1).combine
+    assert not split_layout(mqa, spec, num_sms=132, num_splits=4).combine  # 16 KB of partials
+    assert split_layout(mqa, spec, num_sms=132, num_splits=MAX_FUSED_SPLITS + 1).combine
+    big = _problem(64, 32, 8, 2048, 128)
+    assert not split_layout(big, choose_kernels(big, True)[0], num_sms=132).combine
+
+
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 160, 256])
+@pytest.mark.parametrize("kv_dtype", [DType.bfloat16, DType.float8_e4m3fn])
+def test_mma_residency_is_one_number(head_dim, kv_dtype):
+    """The ring is sized for the CTAs per SM the split cost model counts on, and that many
+    CTAs' shared memory fits an SM (228 KB, 1 KB reserved per CTA)."""
+    problem = _problem(1, 32, 8, 4096, head_dim, kv_dtype=kv_dtype)
+    spec = choose_kernels(problem, vector_strides=True)[0]
+    assert isinstance(spec, MmaSpec)
+    assert spec.ctas_per_sm == (4 if head_dim <= 64 else 2 if head_dim <= 128 else 1)
+    assert spec.ctas_per_sm * (spec.smem_bytes + 1024) <= 228 * 1024
+    assert spec.stages >= 3
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 8, 4096, 128), (1, 32, 8, 131072, 128),

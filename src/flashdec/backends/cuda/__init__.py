@@ -17,8 +17,8 @@ from ..._registry import Backend
 from ..._views import Device, TensorMut, TensorRef
 from . import _driver
 from ._kernels import (MAX_HEAD_DIM, MAX_MERGE_PARTS, MAX_SPLITS, THREADS, VECTOR_BYTES,
-                       KernelSpec, choose_kernels, kernels_for, kv_dtypes_for, merge_kernel, source,
-                       split_layout, workspace_layout)
+                       KernelSpec, choose_kernels, combine_grid, combine_kernel, kernels_for,
+                       kv_dtypes_for, merge_kernel, source, split_layout, workspace_layout)
 
 __all__ = ["CudaBackend", "precompile"]
 
@@ -42,6 +42,8 @@ class DecodeParams(ctypes.Structure):
         ("window_left", ctypes.c_int64),
         ("head_dim", ctypes.c_int32), ("group_size", ctypes.c_int32),
         ("num_group_tiles", ctypes.c_int32), ("num_splits", ctypes.c_int32),
+        ("group_tile", ctypes.c_int32), ("combine", ctypes.c_int32),
+        ("q_vector", ctypes.c_int32),
         ("qk_scale", ctypes.c_float), ("softcap_log2", ctypes.c_float),
         ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
     ]
@@ -101,6 +103,12 @@ def _vector_ok(layout: Layout) -> bool:
     return strides[-1] == 1 and all(s * itemsize % VECTOR_BYTES == 0 for s in strides[:-1])
 
 
+def _rows_are_chunks(layout: Layout) -> bool:
+    """Every row of the last axis is whole 16-byte chunks at 16-byte strides (given a 16-byte
+    aligned base pointer, which the kernel checks): Q's tile loads by cp.async."""
+    return _vector_ok(layout) and layout[0][-1] * layout[2].itemsize % VECTOR_BYTES == 0
+
+
 def _device_buffer(device: _driver.DeviceInfo, nbytes: int) -> tuple[Any, int]:
     """(owner, pointer) of ``nbytes`` of device memory: torch's caching allocator when torch
     is loaded, else cuMemAlloc."""
@@ -134,11 +142,19 @@ class _Launch:
         p.split_rows = self.split.split_rows
         p.num_group_tiles = self.split.num_group_tiles
         p.num_splits = self.split.num_splits
+        p.group_tile = spec.group_tile
+        p.combine = int(self.split.combine)
         self.params_array = _driver.params_pointer_array(p)
         self.params_address = ctypes.addressof(self.params_array)
         self.grid = (self.split.num_splits * self.split.num_group_tiles, problem.num_kv_heads,
                      problem.batch)
         self.fn = _function(spec.name_expression, runner.device, spec.smem_bytes)
+        self.combine = None  # the split merge as a launch of its own (split.combine)
+        if self.split.combine:
+            self.combine = _driver.DependentLaunch(
+                runner.device, _function(combine_kernel(problem.dtype, problem.head_dim),
+                                         runner.device),
+                combine_grid(problem, spec, self.split), THREADS)
 
 
 def _set_strides(array: Any, layout: Layout | None) -> None:
@@ -161,6 +177,7 @@ class _Runner:
             layout = getattr(layouts, name)
             if layout is not None:
                 setattr(p, f"{name}_stride", layout[1][0])
+        p.q_vector = int(_rows_are_chunks(layouts.q))
         p.kv_len = problem.kv_len
         p.head_dim = problem.head_dim
         p.group_size = problem.group_size
@@ -217,6 +234,8 @@ class _Runner:
         p.seqlens = self.seqlens_ptr if host_seqlens else seqlens
         _driver.launch(self.device, launch.fn, launch.grid, THREADS, stream,
                        launch.params_address)
+        if launch.combine is not None:
+            launch.combine(stream, launch.params_address)
 
     def _upload_seqlens(self, seqlens: TensorRef, stream: int) -> None:
         import numpy
@@ -313,6 +332,7 @@ def precompile(dtypes: Sequence[str | DType] = ("float16", "bfloat16", "float32"
             for d in head_dims:
                 if not 1 <= d <= MAX_HEAD_DIM:
                     raise ContractError(f"head_dims: {d} is outside 1..{MAX_HEAD_DIM}")
+                names.add(combine_kernel(dtype, d))
                 for g in group_sizes:
                     names |= {s.name_expression for s in kernels_for(dtype, kv, d, g)}
     for name in names:

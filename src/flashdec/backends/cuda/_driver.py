@@ -16,7 +16,7 @@ from typing import Any
 from ..._errors import BackendUnavailableError, CudaError
 
 __all__ = ["driver", "check", "init", "DeviceInfo", "device_info", "Function", "load_function",
-           "launch", "DeviceAllocation", "memset32_async", "copy_to_device_async",
+           "launch", "DependentLaunch", "DeviceAllocation", "memset32_async", "copy_to_device_async",
            "ContextGuard", "params_pointer_array"]
 
 try:
@@ -160,15 +160,20 @@ def load_function(device: DeviceInfo, cubin: bytes, lowered_name: str, name: str
 _streams: dict[int, Any] = {}  # CUstream wrappers by handle: building one costs ~0.5 us
 
 
-def launch(device: DeviceInfo, func: Function, grid: tuple[int, int, int], block: int,
-           stream: int, params_address: int) -> None:
-    """Launch ``func`` with one by-value struct argument whose address array is at
-    ``params_address`` (a ``void*[1]``), on ``stream`` of ``device``."""
+def _stream(stream: int) -> Any:
     handle = _streams.get(stream)
     if handle is None:
         if len(_streams) > 256:
             _streams.clear()
         handle = _streams[stream] = driver.CUstream(stream)
+    return handle
+
+
+def launch(device: DeviceInfo, func: Function, grid: tuple[int, int, int], block: int,
+           stream: int, params_address: int) -> None:
+    """Launch ``func`` with one by-value struct argument whose address array is at
+    ``params_address`` (a ``void*[1]``), on ``stream`` of ``device``."""
+    handle = _stream(stream)
     # Optimistic: the device's primary context is almost always current (torch, CuPy and
     # JAX use it); only when the launch fails is it pushed and the launch retried, so a
     # plan's run skips the cuCtxGetCurrent round trip.
@@ -182,6 +187,43 @@ def launch(device: DeviceInfo, func: Function, grid: tuple[int, int, int], block
         name = _name(result)
         raise CudaError(f"cuLaunchKernel({func.name}) grid {grid} on device {device.index} "
                         f"failed: {name}", name)
+
+
+class DependentLaunch:
+    """A kernel launched right behind the previous kernel of its stream with programmatic
+    stream serialization (``cuLaunchKernelEx``; Hopper and newer, else a plain launch): its
+    CTAs may start while that kernel's last CTAs run, and wait for its memory in
+    ``griddepcontrol.wait``. The launch configuration is built once; a call sets the stream."""
+
+    def __init__(self, device: DeviceInfo, func: Function, grid: tuple[int, int, int],
+                 block: int) -> None:
+        self.device, self.func, self.grid, self.block = device, func, grid, block
+        self.programmatic = int(device.arch.removeprefix("sm_")) >= 90
+        if self.programmatic:
+            config = self.config = driver.CUlaunchConfig()
+            config.gridDimX, config.gridDimY, config.gridDimZ = grid
+            config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
+            config.sharedMemBytes = func.dynamic_smem
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            config.attrs = [attr]
+            config.numAttrs = 1
+
+    def __call__(self, stream: int, params_address: int) -> None:
+        if not self.programmatic:
+            launch(self.device, self.func, self.grid, self.block, stream, params_address)
+            return
+        self.config.hStream = _stream(stream)
+        (result,) = driver.cuLaunchKernelEx(self.config, self.func.handle, params_address, 0)
+        if result != driver.CUresult.CUDA_SUCCESS:
+            with ContextGuard(self.device):
+                (result,) = driver.cuLaunchKernelEx(self.config, self.func.handle,
+                                                    params_address, 0)
+        if result != driver.CUresult.CUDA_SUCCESS:
+            name = _name(result)
+            raise CudaError(f"cuLaunchKernelEx({self.func.name}) grid {self.grid} on device "
+                            f"{self.device.index} failed: {name}", name)
 
 
 class DeviceAllocation:

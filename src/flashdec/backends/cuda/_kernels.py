@@ -1,7 +1,7 @@
 """Which specialization of ``decode.cu`` serves a problem, and the split layout it runs with.
 
 Two kernel families (see decode.cu's header): the MMA kernel for 16-bit Q with 16-bit or fp8
-K/V, head_dim a multiple of 64 and 16-byte aligned rows; the SIMT kernel for everything else.
+K/V, head_dim in MMA_HEAD_DIMS and 16-byte aligned rows; the SIMT kernel for everything else. Split partials merge in the split kernel's last CTA or in the combine kernel.
 Everything here is host arithmetic with no driver calls, so CI can enumerate and compile
 every shipped specialization without a GPU.
 """
@@ -16,17 +16,24 @@ from ..._contract import DecodeProblem
 from ..._dtypes import DType
 
 __all__ = ["MmaSpec", "SimtSpec", "KernelSpec", "SplitLayout", "THREADS", "MAX_SPLITS",
-           "MAX_HEAD_DIM", "MAX_MERGE_PARTS", "VECTOR_BYTES", "source", "choose_kernels",
-           "kernels_for", "shipped_kernels", "split_layout", "workspace_layout", "merge_kernel"]
+           "MAX_FUSED_SPLITS", "MAX_HEAD_DIM", "MAX_MERGE_PARTS", "VECTOR_BYTES", "source",
+           "choose_kernels", "kernels_for", "shipped_kernels", "split_layout",
+           "workspace_layout", "merge_kernel", "combine_kernel", "combine_grid"]
 
 THREADS = 128          # kThreads in decode.cu
 WARPS = THREADS // 32
-MAX_SPLITS = 128       # kMaxSplits in decode.cu
+MAX_SPLITS = 512       # kMaxSplits in decode.cu: what the combine kernel merges
+MAX_FUSED_SPLITS = 128  # kMaxFusedSplits: what the last-CTA merge takes
+COMBINE_DIMS = 32      # kCombineDims: head dimensions per combine CTA
 MAX_MERGE_PARTS = 32   # kMaxMergeParts in decode.cu
 MAX_HEAD_DIM = 256
 MMA_HEADS = 16         # kMmaHeads: query heads per MMA group tile (mma M)
 BLOCK_ROWS = 16        # kBlockRows: KV rows per warp per ring stage
 MAX_SIMT_GROUP_TILE = 8
+# head_dims the MMA kernel is shipped for: the decode.cu template takes any multiple of 16 in
+# [32, 256]; these are the ones models use (others take the SIMT kernel), so CI compiles and
+# checks 48 MMA specializations per arch rather than 90.
+MMA_HEAD_DIMS = (64, 80, 96, 112, 128, 160, 192, 256)
 VECTOR_BYTES = 16
 MIN_SPLIT_ROWS = 128   # below this a split's fixed costs (Q load, merge) outweigh its rows
 RAGGED_SPLIT_FACTOR = 4  # with seqlens: splits of a quarter the size (empty ones exit at once)
@@ -64,20 +71,40 @@ class MmaSpec:
                 f"{self.head_dim}, {self.stages}, {self.ctas_per_sm}>")
 
     @property
-    def split_ctas_per_sm(self) -> int:
-        """CTAs per SM a split layout aims for: two where they fit (measured on H100 in
-        bench/NOTES.md: one or two per SM stream equally at one KV head, two are faster with
-        batches; more only add partials)."""
-        return min(2, self.ctas_per_sm)
+    def bytes_in_flight(self) -> int:
+        """K/V bytes a CTA keeps requested: STAGES - 1 ring blocks per warp."""
+        return (WARPS * (self.stages - 1) * 2 * BLOCK_ROWS * self.head_dim
+                * self.kv_dtype.itemsize)
 
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory: MmaSmem<...>::kBytes in decode.cu (a CI test checks)."""
-        d, kv = self.head_dim, self.kv_dtype.itemsize
-        ring = WARPS * self.stages * 2 * BLOCK_ROWS * d * kv
-        merge = THREADS * 16 + (MAX_SPLITS + 1) * MMA_HEADS * 4 + 16  # MergeSmem<16>, padded
-        state = WARPS * MMA_HEADS * (d + 2) * 4 + merge
-        return MMA_HEADS * d * 2 + max(ring, state)
+        tiles = _mma_tiles(self.kv_dtype, self.head_dim)
+        ring = WARPS * self.stages * 2 * tiles.block_bytes
+        merge = THREADS * 16 + (MAX_FUSED_SPLITS + 1) * MMA_HEADS * 4 + 16  # MergeSmem<16>, padded
+        state = WARPS * MMA_HEADS * (tiles.dim + 2) * 4 + merge
+        return tiles.q_bytes + max(ring, state)
+
+
+@dataclass(frozen=True)
+class _MmaTiles:
+    """The MMA kernel's shared-memory tiles (MmaSmem in decode.cu)."""
+
+    dim: int          # dimensions the MMAs cover: head_dim, rounded up to 32 for fp8 K/V
+    q_bytes: int      # the 16-head Q tile
+    block_bytes: int  # one 16-row block of K or V
+
+
+def _tile_pitch(chunks: int) -> int:
+    """tile_pitch<C>() in decode.cu: 16-byte chunks a tile row takes in shared memory."""
+    return chunks if chunks % 4 == 0 else chunks + 1
+
+
+def _mma_tiles(kv_dtype: DType, head_dim: int) -> _MmaTiles:
+    dim = head_dim if kv_dtype.itemsize == 2 else -(-head_dim // 32) * 32
+    q_bytes = MMA_HEADS * _tile_pitch(dim // 8) * 16
+    block_bytes = BLOCK_ROWS * _tile_pitch(dim * kv_dtype.itemsize // 16) * 16
+    return _MmaTiles(dim, q_bytes, block_bytes)
 
 
 @dataclass(frozen=True)
@@ -112,31 +139,30 @@ class SimtSpec:
         """min_ctas_per_sm<GT, VEC, NCH>() in decode.cu."""
         return 2 if self.vec == 1 or self.group_tile * self.vec * self.nch >= 32 else 3
 
-    split_ctas_per_sm = 4  # register-tiled CTAs hide latency only in numbers
+    @property
+    def bytes_in_flight(self) -> int:
+        """K/V bytes a CTA has requested at once: one tile of rows in registers."""
+        return self.rows_per_tile * 2 * self.tpr * self.nch * self.vec * self.kv_dtype.itemsize
 
 
 KernelSpec = MmaSpec | SimtSpec
 
 
-def _mma_ctas_per_sm(kv_dtype: DType, head_dim: int) -> int:
-    """More resident warps hide more of each warp's per-block latency; the ring (at least two
-    stages a warp) bounds how many CTAs fit. fp8 K/V at D=128 take two, whose register budget
-    keeps Q's fragments in registers (decode.cu's kQRegs)."""
-    if head_dim > 128:
-        return 1
-    if head_dim <= 64:
-        return 4
-    return 2 if kv_dtype.itemsize == 1 else 3
+def _mma_ctas_per_sm(head_dim: int) -> int:
+    """Resident CTAs per SM the ring is sized for, and the split layout counts on: four up to
+    head_dim 64, two up to 128 (each with a ring of 3+ stages: measured faster than three
+    CTAs of 2 stages on one-split batches, bench/NOTES.md v4), one above, where the
+    accumulators of a 16-head tile take most of the registers."""
+    return 4 if head_dim <= 64 else 2 if head_dim <= 128 else 1
 
 
 def _mma(dtype: DType, kv_dtype: DType, head_dim: int) -> MmaSpec:
     """The MMA kernel with as many ring stages as its CTAs-per-SM budget allows (2..8)."""
-    d, kv = head_dim, kv_dtype.itemsize
-    ctas = _mma_ctas_per_sm(kv_dtype, d)
-    fixed = MMA_HEADS * d * 2
-    stage = WARPS * 2 * BLOCK_ROWS * d * kv
-    stages = max(2, min(8, (SMEM_PER_SM // ctas - SMEM_RESERVED - fixed) // stage))
-    return MmaSpec(dtype, kv_dtype, d, stages, ctas)
+    ctas = _mma_ctas_per_sm(head_dim)
+    tiles = _mma_tiles(kv_dtype, head_dim)
+    stage = WARPS * 2 * tiles.block_bytes
+    stages = max(2, min(8, (SMEM_PER_SM // ctas - SMEM_RESERVED - tiles.q_bytes) // stage))
+    return MmaSpec(dtype, kv_dtype, head_dim, stages, ctas)
 
 
 def _simt(dtype: DType, kv_dtype: DType, vec: int, head_dim: int, group_tile: int) -> SimtSpec:
@@ -154,7 +180,7 @@ def _simt_group_tile(group_size: int) -> int:
 
 
 def _mma_fits(dtype: DType, head_dim: int) -> bool:
-    return dtype in MMA_DTYPES and head_dim % 64 == 0 and head_dim <= MAX_HEAD_DIM
+    return dtype in MMA_DTYPES and head_dim in MMA_HEAD_DIMS
 
 
 def _select(dtype: DType, kv: DType, d: int, group_size: int,
@@ -204,19 +230,91 @@ def merge_kernel(dtype: DType) -> str:
     return f"flashdec::merge_states_kernel<{dtype.ctype}>"
 
 
+def combine_kernel(dtype: DType, head_dim: int) -> str:
+    """Name expression of combine_kernel for Y of ``dtype``: float4 columns when head_dim
+    allows."""
+    return f"flashdec::combine_kernel<{dtype.ctype}, {4 if head_dim % 4 == 0 else 1}>"
+
+
+COMBINE_ABOVE_BYTES = 16 * 1024  # partial bytes per slot above which the combine kernel merges
+
+
 @dataclass(frozen=True)
 class SplitLayout:
-    """How the KV capacity is cut: ``num_splits`` chunks of ``split_rows`` (none empty)."""
+    """How the KV capacity is cut: ``num_splits`` chunks of ``split_rows`` (none empty), and
+    whether the combine kernel (not the split kernel's last CTA) merges them."""
 
     num_splits: int
     split_rows: int
     num_group_tiles: int
+    combine: bool = False
+
+
+def _merges_apart(problem: DecodeProblem, spec: KernelSpec, num_splits: int) -> bool:
+    """The last CTA of a slot reads all of the slot's partials through one CTA's loads; past
+    MAX_FUSED_SPLITS splits, or COMBINE_ABOVE_BYTES of partials, the combine kernel spreads
+    that over (slot, head, dimension chunk) CTAs instead."""
+    if num_splits <= 1:
+        return False
+    heads = min(spec.group_tile, problem.group_size)
+    return (num_splits > MAX_FUSED_SPLITS
+            or num_splits * heads * problem.head_dim * 4 > COMBINE_ABOVE_BYTES)
+
+
+# The split rule's cost model (us, bytes): each constant is measured on the H200 in
+# bench/NOTES.md v4 (split sweeps and per-CTA timelines); device numbers come from DeviceInfo.
+LATENCY_US = 1.5         # a K/V request's round trip under load (first block 1.7 us after issue)
+WAVE_US = 3.0            # per wave of CTAs: start, first round trip, epilogue
+SM_SHARE = 1.1           # an SM streams at most this multiple of its fair share of bandwidth
+MMA_ROWS_PER_US = 85.0 * 128  # rows x head dims a 16-head MMA CTA consumes per us (fp8: the cap)
+FUSED_MERGE_US, FUSED_MERGE_BYTES_PER_US = 0.5, 50e3   # the last CTA of a slot
+COMBINE_US, COMBINE_BYTES_PER_US = 1.0, 25e3           # per combine CTA, CTAs in parallel
+DEFAULT_BANDWIDTH = 4.0e12  # bytes/s the cost model assumes when the device's is unknown
+
+
+def split_cost(problem: DecodeProblem, spec: KernelSpec, num_sms: int, bandwidth: float,
+               num_splits: int) -> float:
+    """Modelled us of one launch with ``num_splits`` splits (launch overhead left out): waves
+    of CTAs, each streaming its rows at the rate its bytes in flight allow (capped by its
+    math and its SM's share of bandwidth, the busiest SM setting the pace), never faster than
+    HBM, plus the split merge."""
+    tiles = math.ceil(problem.group_size / spec.group_tile)
+    base = problem.batch * problem.num_kv_heads * tiles
+    rows = math.ceil(problem.kv_len / num_splits)
+    ctas = base * num_splits
+    resident = num_sms * spec.ctas_per_sm
+    waves = math.ceil(ctas / resident)
+    per_sm = math.ceil(min(ctas, resident) / num_sms)
+    row_bytes = 2 * problem.head_dim * problem.kv_dtype.itemsize
+    cta_rate = spec.bytes_in_flight / LATENCY_US
+    if isinstance(spec, MmaSpec):
+        cta_rate = min(cta_rate, MMA_ROWS_PER_US / problem.head_dim * row_bytes)
+    cta_bytes = rows * row_bytes
+    # An SM's HBM bytes: the group tiles of a split read the same rows, the later ones in L2.
+    sm_hbm_rate = SM_SHARE * bandwidth * 1e-6 / num_sms
+    wave_us = max(cta_bytes / cta_rate, per_sm * cta_bytes / tiles / sm_hbm_rate)
+    hbm_us = problem.batch * problem.num_kv_heads * problem.kv_len * row_bytes / (bandwidth * 1e-6)
+    stream_us = max(waves * wave_us, hbm_us)
+    merge_us = 0.0
+    if num_splits > 1:
+        heads = min(spec.group_tile, problem.group_size)
+        slot_bytes = num_splits * heads * problem.head_dim * 4
+        if _merges_apart(problem, spec, num_splits):
+            chunks = math.ceil(problem.head_dim / COMBINE_DIMS)
+            combine_ctas = base * heads * chunks
+            merge_us = COMBINE_US + slot_bytes * base / min(
+                combine_ctas * COMBINE_BYTES_PER_US, bandwidth * 1e-6)
+        else:
+            merge_us = FUSED_MERGE_US + slot_bytes / FUSED_MERGE_BYTES_PER_US
+    return waves * WAVE_US + stream_us + merge_us
 
 
 def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
-                 num_splits: int | None = None) -> SplitLayout:
-    """As many splits as fill one wave of ``split_ctas_per_sm`` CTAs per SM (more with
-    ``seqlens``), every split at least MIN_SPLIT_ROWS rows and a whole number of CTA tiles;
+                 num_splits: int | None = None,
+                 bandwidth: float = DEFAULT_BANDWIDTH) -> SplitLayout:
+    """The split count with the lowest :func:`split_cost`, every split a whole number of CTA
+    tiles and at least MIN_SPLIT_ROWS rows (with ``seqlens``, then RAGGED_SPLIT_FACTOR times
+    smaller: live lengths vary, and small splits let the short rows balance out);
     ``num_splits`` (1..MAX_SPLITS) overrides the count. Depends on the capacity K_len only,
     never on live ``seqlens`` values, so a captured graph stays valid."""
     tiles = math.ceil(problem.group_size / spec.group_tile)
@@ -225,16 +323,34 @@ def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
     if kv_len == 0 or base == 0:
         return SplitLayout(1, max(kv_len, 1), tiles)
     if num_splits is None:
-        # One wave of CTAs: every split runs at once, so time follows the longest split.
-        wanted = max(1, num_sms * spec.split_ctas_per_sm // base)
-        if problem.seqlens:  # live lengths vary: smaller splits let the short ones balance out
-            wanted *= RAGGED_SPLIT_FACTOR
-        wanted = max(1, min(wanted, MAX_SPLITS, kv_len // MIN_SPLIT_ROWS))
-        rows = math.ceil(kv_len / wanted)
-        rows = math.ceil(rows / spec.rows_per_tile) * spec.rows_per_tile
+        most = max(1, min(MAX_SPLITS, kv_len // MIN_SPLIT_ROWS))
+        best = None
+        for wanted in range(1, most + 1):
+            rows = math.ceil(math.ceil(kv_len / wanted) / spec.rows_per_tile) * spec.rows_per_tile
+            count = math.ceil(kv_len / rows)
+            if count != wanted:
+                continue  # the same layout as a smaller count
+            cost = split_cost(problem, spec, num_sms, bandwidth, count)
+            if best is None or cost < best[0]:
+                best = (cost, rows)
+        rows = best[1]
+        if problem.seqlens:
+            rows = max(spec.rows_per_tile, rows // RAGGED_SPLIT_FACTOR // spec.rows_per_tile
+                       * spec.rows_per_tile)
     else:
         rows = math.ceil(kv_len / num_splits)
-    return SplitLayout(math.ceil(kv_len / rows), rows, tiles)
+    count = math.ceil(kv_len / rows)
+    if count > MAX_SPLITS:
+        rows = math.ceil(kv_len / MAX_SPLITS)
+        count = math.ceil(kv_len / rows)
+    return SplitLayout(count, rows, tiles, _merges_apart(problem, spec, count))
+
+
+def combine_grid(problem: DecodeProblem, spec: KernelSpec,
+                 split: SplitLayout) -> tuple[int, int, int]:
+    """combine_kernel's grid: (tile, head in tile), kv_head, (batch, dimension chunk)."""
+    chunks = math.ceil(problem.head_dim / COMBINE_DIMS)
+    return (split.num_group_tiles * spec.group_tile, problem.num_kv_heads, problem.batch * chunks)
 
 
 def workspace_layout(problem: DecodeProblem, spec: KernelSpec, split: SplitLayout):

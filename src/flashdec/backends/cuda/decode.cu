@@ -11,11 +11,11 @@
 // Softmax runs online in base 2 (scores carry log2 e).
 //
 // Two kernels share the parameters and the epilogue:
-// - decode_mma_kernel (16-bit Q, K/V 16-bit or fp8, head_dim a multiple of 64, 16-byte
-//   aligned rows with unit innermost stride): each of the 4 warps streams its own 16-row
-//   blocks of K and V through a private cp.async ring of STAGES blocks (no CTA barrier in the
-//   loop), and computes S = Q K^T and O += P V with mma.sync m16n8k16, the group tile's 16
-//   query heads in M (rows past the group are zero). fp8 blocks stay fp8 in shared memory:
+// - decode_mma_kernel (16-bit Q, K/V 16-bit or fp8, head_dim a multiple of 16 in [32, 256],
+//   16-byte aligned rows with unit innermost stride): each of the 4 warps streams its own
+//   16-row blocks of K and V through a private cp.async ring of STAGES blocks (no CTA barrier
+//   in the loop), and computes S = Q K^T and O += P V with mma.sync m16n8k16, the group tile's
+//   16 query heads in M (rows past the group are zero). fp8 blocks stay fp8 in shared memory:
 //   ldmatrix reads their bytes as 16-bit pairs and each pair is converted to Q's type in
 //   registers (Q's dimensions permuted to the order the K bytes arrive in). P is rounded to
 //   Q's type for the MMA and the softmax sum adds the rounded values, so Y is an exact
@@ -26,10 +26,14 @@
 //
 // Epilogue (finish): the per-warp / per-thread-group states merge in shared memory in a fixed
 // order. With one split the CTA writes Y (and LSE). With several, each CTA writes its fp32
-// partial (o, max, sum) to the workspace and the last CTA of a (batch, kv_head, tile) to arrive
-// (an integer counter that it resets, so CUDA-graph replays work) merges them in a fixed
-// order (a warp per head for the weights, float4 columns over the splits): deterministic.
-// NaN in Q reaches its head: maxima keep NaN and -inf guards compare with ==.
+// partial (o, max, sum) to the workspace, and then either
+// - the last CTA of a (batch, kv_head, tile) to arrive (an integer counter that it resets, so
+//   CUDA-graph replays work) merges them in a fixed order (a warp per head for the weights,
+//   float4 columns over the splits): no second launch, but one CTA reads every partial; or
+// - (p.combine) combine_kernel, launched next, merges them in parallel over (slot, head,
+//   32-dimension chunk): for few slots with many splits (up to kMaxSplits).
+// Both are deterministic. NaN in Q reaches its head: maxima keep NaN and -inf guards compare
+// with ==.
 //
 // merge_states_kernel combines N partial states (Y_i, LSE_i) of the same queries over disjoint
 // keys, one CTA per (b, h), parts in index order.
@@ -42,7 +46,9 @@ namespace flashdec {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxSplits = 128;
+constexpr int kMaxFusedSplits = 128;  // splits the last-CTA merge takes (its weights live in shared memory)
+constexpr int kMaxSplits = 512;       // splits the combine kernel takes
+constexpr int kCombineDims = 32;      // head dimensions per combine CTA
 constexpr int kMmaHeads = 16;     // query heads per group tile of the MMA kernel (mma M)
 constexpr int kBlockRows = 16;    // KV rows per warp per ring stage (mma K of the P V product)
 constexpr int kMaxMergeParts = 32;
@@ -97,6 +103,9 @@ struct DecodeParams {
     int group_size;
     int num_group_tiles;
     int num_splits;
+    int group_tile;        // query heads per CTA (the partials' middle extent)
+    int combine;           // nonzero: combine_kernel merges the partials (no last-CTA merge)
+    int q_vector;          // Q rows are whole 16-byte chunks (unit stride, 16-byte strides)
     float qk_scale;        // scale * log2(e); scale / softcap with a softcap
     float softcap_log2;    // softcap * log2(e); 0: no softcap
     float k_scale_value;   // multiplies k_scale[g] (or alone when k_scale is null)
@@ -185,7 +194,7 @@ __device__ __forceinline__ float finish_head(const DecodeParams& p, int b, long 
 template <int GT>
 struct MergeSmem {
     float4 red[kThreads];     // per-thread partial sums when threads share an output group
-    float w[kMaxSplits][GT];  // split weights
+    float w[kMaxFusedSplits][GT];  // split weights
     float inv[GT];            // v_scale / sum
     int last;
 };
@@ -232,7 +241,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
         if (p.num_splits == 1) store_y<T>(p, b, head0 + j, e, acc * ms.inv[j]);
         else part_o[j * D + e] = acc;
     }
-    if (p.num_splits == 1) { FLASHDEC_TRACE_POINT(3); return; }
+    if (p.num_splits == 1 || p.combine) { FLASHDEC_TRACE_POINT(3); return; }
 
     // Publish this split's partial; the last CTA to arrive merges all of them.
     FLASHDEC_TRACE_POINT(10);
@@ -280,7 +289,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
         if (has_col && s < p.num_splits)
             pre[k] = __ldcg(reinterpret_cast<const float4*>(all_o + s * GT * D + col0 * 4));
     }
-    float (*split_m)[GT] = reinterpret_cast<float (*)[GT]>(sm_o);  // NG * ldo >= kMaxSplits
+    float (*split_m)[GT] = reinterpret_cast<float (*)[GT]>(sm_o);  // NG * ldo >= kMaxFusedSplits
     for (int idx = threadIdx.x; idx < p.num_splits * heads; idx += kThreads) {
         const int s = idx / heads, j = idx % heads;
         split_m[s][j] = __ldcg(all_ml + (s * GT + j) * 2);
@@ -443,18 +452,18 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* 
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
 
-// A 16-bit tile of rows x D in shared memory, in 16-byte chunks; chunk c of row r sits at
-// c ^ (r % 8) so that the 8 rows an ldmatrix reads hit 8 different bank groups.
-template <int D>
+// A tile of 16-byte chunks in shared memory, C chunks a row (C even). ldmatrix reads one chunk
+// of 8 consecutive rows at a time; the layout puts those 8 chunks in 8 different bank groups:
+// C % 8 == 0: chunk c of row r sits at c ^ (r % 8); C % 4 == 0: at c ^ ((r / 2) % 4) (rows
+// r and r + 1 differ by C = 4 mod 8 chunks); otherwise rows are padded to an odd pitch of C + 1
+// chunks (head_dim 80, 112, ...: no XOR pattern stays inside such a row).
+template <int C>
+__host__ __device__ constexpr int tile_pitch() { return C % 4 == 0 ? C : C + 1; }
+template <int C>
 __device__ __forceinline__ int swizzle(int row, int chunk) {
-    return row * (D / 8) + (chunk ^ (row & 7));
-}
-// The same for an fp8 tile (D / 16 chunks a row, a multiple of 4): 8 consecutive rows at one
-// chunk still land in 8 different bank groups.
-template <int D>
-__device__ __forceinline__ int swizzle_fp8(int row, int chunk) {
-    constexpr int kChunks = D / 16;
-    return row * kChunks + (kChunks % 8 == 0 ? chunk ^ (row & 7) : chunk ^ ((row >> 1) & 3));
+    if constexpr (C % 8 == 0) return row * C + (chunk ^ (row & 7));
+    else if constexpr (C % 4 == 0) return row * C + (chunk ^ ((row >> 1) & 3));
+    else return row * tile_pitch<C>() + chunk;
 }
 
 // Two fp8 values (low byte first) -> a 16-bit pair of type T (exact: fp8 fits fp16 and bf16).
@@ -467,29 +476,45 @@ __device__ __forceinline__ unsigned fp8x2_to(unsigned two) {
 // Dynamic shared memory of the MMA kernel, per CTA: the Q tile, then per warp a ring of
 // STAGES K/V blocks (in the KV type). After the main loop the ring holds the warp states and
 // the split-merge scratch instead.
+// Widths: the MMAs cover kDim dimensions, D rounded up to the k-step granularity (16; 32 for
+// fp8, whose ldmatrix takes two k-steps at once); dimensions past D are zero in Q and K.
 template <typename T, typename KV, int D, int STAGES>
 struct MmaSmem {
     static constexpr bool kFp8 = sizeof(KV) == 1;
-    static constexpr int kQBytes = kMmaHeads * D * 2;
-    static constexpr int kBlockBytes = kBlockRows * D * (int)sizeof(KV);   // one of K or V
+    static constexpr int kDim = kFp8 ? (D + 31) / 32 * 32 : D;
+    static constexpr int kQChunks = kDim / 8;                       // 16-byte chunks a Q row
+    static constexpr int kChunks = kDim * (int)sizeof(KV) / 16;     // ... a K/V row the MMAs read
+    static constexpr int kCopyChunks = D * (int)sizeof(KV) / 16;    // ... a K/V row in HBM
+    static constexpr int kQBytes = kMmaHeads * tile_pitch<kQChunks>() * 16;
+    static constexpr int kBlockBytes = kBlockRows * tile_pitch<kChunks>() * 16;   // one of K or V
     static constexpr int kRingBytes = kWarps * STAGES * 2 * kBlockBytes;
-    static constexpr int kStateBytes = kWarps * kMmaHeads * (D + 2) * 4 + (int)sizeof(MergeSmem<kMmaHeads>);
-    static_assert(kWarps * D >= kMaxSplits, "the warp states hold the split maxima");
+    static constexpr int kStateBytes = kWarps * kMmaHeads * (kDim + 2) * 4 + (int)sizeof(MergeSmem<kMmaHeads>);
+    static_assert(kWarps * kDim >= kMaxFusedSplits, "the warp states hold the split maxima");
     static constexpr int kBytes = kQBytes + (kRingBytes > kStateBytes ? kRingBytes : kStateBytes);
 };
 
 template <typename T, typename KV, int D, int STAGES>
 __host__ __device__ constexpr int mma_smem_bytes() { return MmaSmem<T, KV, D, STAGES>::kBytes; }
 
+// Lets a dependent launch (the combine kernel, launched with programmatic stream
+// serialization) start its CTAs once every CTA of this grid runs; they wait in
+// griddepcontrol.wait for this grid's completion and its memory. A no-op without one.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // CTAS: resident CTAs per SM the host sized the ring for (registers must allow as many).
 template <typename T, typename KV, int D, int STAGES, int CTAS>
 __global__ void __launch_bounds__(kThreads, CTAS)
 decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     using L = MmaSmem<T, KV, D, STAGES>;
-    constexpr int CPR = D * (int)sizeof(KV) / 16;       // 16-byte chunks per K/V row
-    constexpr int KSTEPS = D / 16;
-    constexpr int NT = D / 8;                          // n-tiles of the P V product
-    static_assert(D % 64 == 0 && D <= 256, "head_dim is a multiple of 64, at most 256");
+    constexpr int CPR = L::kCopyChunks;                // 16-byte chunks per K/V row copied
+    constexpr int QC = L::kQChunks, KC = L::kChunks;   // chunks per Q / K/V tile row
+    constexpr int KSTEPS = L::kDim / 16;
+    constexpr int NT = L::kDim / 8;                    // n-tiles of the P V product
+    static_assert(D % 16 == 0 && D >= 32 && D <= 256, "head_dim is a multiple of 16 in [32, 256]");
     static_assert(sizeof(T) == 2, "Q is float16 or bfloat16");
 
     FLASHDEC_TRACE_POINT(0);
@@ -503,6 +528,27 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     const int b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
+
+    // Q tile -> shared (16-bit, swizzled), zero rows past the group and dimensions past D.
+    // With 16-byte Q rows it is the first cp.async group, ahead of every K/V byte, so its
+    // latency is not queued behind the ring's (bench/NOTES.md v4); otherwise plain loads below.
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
+    const bool q_async = p.q_vector && (reinterpret_cast<unsigned long long>(p.q) & 15) == 0;
+    auto q_row = [&](int j) {  // the j-th head of the tile, or null past the group
+        const int in_group = tile * kMmaHeads + j;
+        return in_group < p.group_size
+            ? q + ((long long)kv_head * p.group_size + in_group) * p.q_stride[1] : nullptr;
+    };
+    if (q_async) {
+#pragma unroll
+        for (int idx = threadIdx.x; idx < kMmaHeads * QC; idx += kThreads) {
+            const int j = idx / QC, c = idx % QC;
+            const T* row = q_row(j);
+            const bool ok = row != nullptr && c < D / 8;
+            cp_async16(q_s + swizzle<QC>(j, c) * 8, ok ? row + c * 8 : q, ok);
+        }
+    }
+    cp_async_commit();
 
     long long lo, hi;
     live_rows(p, b, lo, hi);
@@ -555,7 +601,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
             for (int it = 0; it < kBlockRows / ROW_STEP; ++it) {
                 const int r = h + it * ROW_STEP;
                 const bool ok = r < valid;
-                const int dst = L::kFp8 ? swizzle_fp8<D>(r, ch) : swizzle<D>(r, ch);
+                const int dst = swizzle<KC>(r, ch);
                 cp_async16(ks_ + dst * 16, ok ? static_cast<const void*>(kp) : k_safe, ok);
                 cp_async16(vs_ + dst * 16, ok ? static_cast<const void*>(vp) : v_safe, ok);
                 kp += k_copy_step;
@@ -566,11 +612,12 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         } else {
             const long long row0 = block_row(i);
 #pragma unroll
-            for (int it = 0; it < kBlockRows * CPR / 32; ++it) {
+            for (int it = 0; it < (kBlockRows * CPR + 31) / 32; ++it) {
                 const int c = lane + it * 32;
+                if ((kBlockRows * CPR) % 32 != 0 && c >= kBlockRows * CPR) break;
                 const int r = c / CPR, cc = c % CPR;
                 const bool ok = r < valid;
-                const int dst = L::kFp8 ? swizzle_fp8<D>(r, cc) : swizzle<D>(r, cc);
+                const int dst = swizzle<KC>(r, cc);
                 cp_async16(ks_ + dst * 16, ok ? k + (row0 + r) * ks_row + cc * kElemsPerChunk : k_safe, ok);
                 cp_async16(vs_ + dst * 16, ok ? v + (row0 + r) * vs_row + cc * kElemsPerChunk : v_safe, ok);
             }
@@ -587,23 +634,30 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         if (s < my_blocks) load_block(s);
         cp_async_commit();
     }
+    allow_dependent_launch();
     FLASHDEC_TRACE_POINT(13);
-    // Q tile -> shared (16-bit, swizzled), zero rows past the group; after the first K/V
-    // copies are in flight, so its latency hides behind theirs (loading Q first, or filling
-    // the whole ring first, measured slower: bench/NOTES.md).
-    {
-        const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
+    if (!q_async) {
 #pragma unroll
-        for (int idx = threadIdx.x; idx < kMmaHeads * D; idx += kThreads) {
-            const int j = idx / D, e = idx % D;
-            const int in_group = tile * kMmaHeads + j;
+        for (int idx = threadIdx.x; idx < kMmaHeads * L::kDim; idx += kThreads) {
+            const int j = idx / L::kDim, e = idx % L::kDim;
+            const T* row = q_row(j);
             T x = Elem<T>::store(0.f);
-            if (in_group < p.group_size)
-                x = q[((long long)kv_head * p.group_size + in_group) * p.q_stride[1] + e * p.q_stride[2]];
-            q_s[swizzle<D>(j, e / 8) * 8 + e % 8] = x;
+            if (row != nullptr && e < D) x = row[e * p.q_stride[2]];
+            q_s[swizzle<QC>(j, e / 8) * 8 + e % 8] = x;
         }
     }
-
+    if constexpr (KC > CPR) {
+        // fp8 with D not a multiple of 32: the chunks past D that the MMAs read are zero in
+        // every ring slot (cp.async never writes them; K's must be finite, as Q's are zero).
+        constexpr int kPad = KC - CPR;
+        for (int idx = lane; idx < STAGES * 2 * kBlockRows * kPad; idx += 32) {
+            const int blk = idx / (kBlockRows * kPad), r = idx / kPad % kBlockRows;
+            const int c = CPR + idx % kPad;
+            *reinterpret_cast<uint4*>(ring + blk * L::kBlockBytes + swizzle<KC>(r, c) * 16) =
+                make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+    cp_async_wait<STAGES - 1>();  // this thread's Q chunks (the oldest group)
     __syncthreads();  // the Q tile
     FLASHDEC_TRACE_POINT(5);
     // Q's A fragment for k-step kk. With fp8 K/V the 16 dimensions of a k-step are taken in
@@ -614,16 +668,16 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         if constexpr (L::kFp8) {
             const int e = 16 * kk + 4 * t;
             auto pair = [&](int row, int d) {
-                return *reinterpret_cast<const unsigned*>(q_s + swizzle<D>(row, d / 8) * 8 + d % 8);
+                return *reinterpret_cast<const unsigned*>(q_s + swizzle<QC>(row, d / 8) * 8 + d % 8);
             };
             a[0] = pair(g, e); a[1] = pair(g + 8, e); a[2] = pair(g, e + 2); a[3] = pair(g + 8, e + 2);
         } else {
             const int mi = lane / 8;
-            ldmatrix_x4(a, q_s + swizzle<D>((mi & 1) * 8 + lane % 8, 2 * kk + (mi >> 1)) * 8);
+            ldmatrix_x4(a, q_s + swizzle<QC>((mi & 1) * 8 + lane % 8, 2 * kk + (mi >> 1)) * 8);
         }
     };
     // Where the register budget allows (fp8 at CTAS <= 2), the Q fragments stay in registers.
-    constexpr bool kQRegs = L::kFp8 && CTAS <= 2 && D <= 128;
+    constexpr bool kQRegs = L::kFp8 && CTAS <= 2 && L::kDim <= 128;
     unsigned qa[kQRegs ? KSTEPS : 1][4];
     if constexpr (kQRegs) {
 #pragma unroll
@@ -656,7 +710,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
 #pragma unroll
             for (int kk = 0; kk < KSTEPS; kk += 2) {
                 unsigned r[4];
-                ldmatrix_x4(r, kt + swizzle_fp8<D>((mi & 1) * 8 + lane % 8, kk + (mi >> 1)) * 16);
+                ldmatrix_x4(r, kt + swizzle<KC>((mi & 1) * 8 + lane % 8, kk + (mi >> 1)) * 16);
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     unsigned a[4];
@@ -678,7 +732,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
             for (int kk = 0; kk < KSTEPS; ++kk) {
                 unsigned a[4], bk[4];
                 q_frag(kk, a);  // 16-bit K/V: Q's fragments are never kept in registers
-                ldmatrix_x4(bk, kt + swizzle<D>((mi >> 1) * 8 + lane % 8, 2 * kk + (mi & 1)) * 16);
+                ldmatrix_x4(bk, kt + swizzle<KC>((mi >> 1) * 8 + lane % 8, 2 * kk + (mi & 1)) * 16);
                 float (&acc)[2][4] = (kk & 1) ? s_odd : s;
                 Mma<T>::run(acc[0], a, bk[0], bk[1]);
                 Mma<T>::run(acc[1], a, bk[2], bk[3]);
@@ -743,9 +797,9 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
             // dimensions, bytes 1,3 that of the odd ones: n-tile 2c + odd holds dimensions
             // 16c + 2n + odd (the epilogue puts them back in order).
 #pragma unroll
-            for (int c = 0; c < D / 16; c += 2) {
+            for (int c = 0; c < KC; c += 2) {
                 unsigned r[4];
-                ldmatrix_x4_trans(r, vt + swizzle_fp8<D>((mi & 1) * 8 + lane % 8, c + (mi >> 1)) * 16);
+                ldmatrix_x4_trans(r, vt + swizzle<KC>((mi & 1) * 8 + lane % 8, c + (mi >> 1)) * 16);
 #pragma unroll
                 for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -760,7 +814,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
 #pragma unroll
             for (int n = 0; n < NT; n += 2) {
                 unsigned bv[4];
-                ldmatrix_x4_trans(bv, vt + swizzle<D>((mi & 1) * 8 + lane % 8, n + (mi >> 1)) * 16);
+                ldmatrix_x4_trans(bv, vt + swizzle<KC>((mi & 1) * 8 + lane % 8, n + (mi >> 1)) * 16);
                 Mma<T>::run(o[n], pa, bv[0], bv[1]);
                 Mma<T>::run(o[n + 1], pa, bv[2], bv[3]);
             }
@@ -776,8 +830,8 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     }
     __syncthreads();  // every warp is done with its ring: reuse it for the states
     FLASHDEC_TRACE_POINT(2);
-    float* sm_o = reinterpret_cast<float*>(main_s);                 // [kWarps][16][D]
-    float* sm_m = sm_o + kWarps * kMmaHeads * D;                     // [kWarps][16]
+    float* sm_o = reinterpret_cast<float*>(main_s);                 // [kWarps][16][kDim]
+    float* sm_m = sm_o + kWarps * kMmaHeads * L::kDim;               // [kWarps][16]
     float* sm_l = sm_m + kWarps * kMmaHeads;
     auto& ms = *reinterpret_cast<MergeSmem<kMmaHeads>*>(sm_l + kWarps * kMmaHeads);
 #pragma unroll
@@ -785,8 +839,8 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         // columns 2t, 2t+1 of n-tile n: dimensions n*8 + 2t, +1 (fp8: see the P V product)
         const int d0 = L::kFp8 ? 16 * (n / 2) + 4 * t + n % 2 : n * 8 + 2 * t;
         const int step = L::kFp8 ? 2 : 1;
-        float* row_g = sm_o + (warp * kMmaHeads + g) * D + d0;
-        float* row_g8 = row_g + 8 * D;
+        float* row_g = sm_o + (warp * kMmaHeads + g) * L::kDim + d0;
+        float* row_g8 = row_g + 8 * L::kDim;
         row_g[0] = o[n][0]; row_g[step] = o[n][1];
         row_g8[0] = o[n][2]; row_g8[step] = o[n][3];
     }
@@ -796,8 +850,8 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     }
     __syncthreads();
     const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
-    finish<T, kWarps, kMmaHeads, D, CTAS >= 4 ? 8 : 16>(p, sm_o, D, sm_m, sm_l, ms, b, kv_head,
-                                                       tile, split, vs);
+    finish<T, kWarps, kMmaHeads, D, CTAS >= 4 ? 8 : 16>(p, sm_o, L::kDim, sm_m, sm_l, ms, b,
+                                                       kv_head, tile, split, vs);
     FLASHDEC_TRACE_POINT(4);
 }
 
@@ -845,7 +899,7 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
     constexpr int NG = kThreads / TPR;        // thread groups per CTA
     constexpr int DP = VEC * TPR * NCH;       // head_dim padded to what a group covers
     static_assert(kThreads % TPR == 0 && TPR <= 32, "a thread group lives inside one warp");
-    static_assert(NG * DP >= kMaxSplits, "the group states hold the split maxima");
+    static_assert(NG * DP >= kMaxFusedSplits, "the group states hold the split maxima");
 
     const int split = blockIdx.x / p.num_group_tiles;
     const int tile = blockIdx.x % p.num_group_tiles;
@@ -874,6 +928,8 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
                     ? Elem<T>::load(q + h * p.q_stride[1] + e * p.q_stride[2]) * qk : 0.f;
             }
     }
+
+    allow_dependent_launch();
 
     float m[GT], l[GT], o[GT][NCH][VEC];
 #pragma unroll
@@ -963,6 +1019,121 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
     const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
     finish<T, NG, GT, 0>(p, &sm_o[0][0][0], DP, &sm_m[0][0], &sm_l[0][0], ms, b, kv_head, tile,
                       split, vs);
+}
+
+// ---------------------------------------------------------------------------------------
+// Combine kernel: the split merge as a launch of its own
+// ---------------------------------------------------------------------------------------
+
+// With p.combine set the split kernel only writes its partials and this kernel merges them,
+// in parallel over (slot, head, 32-dimension chunk): the last-CTA merge reads a slot's every
+// partial through one CTA, and with few slots and hundreds of splits that tail dominates.
+// Launched right after the split kernel with programmatic stream serialization, its CTAs start
+// as split CTAs leave and wait in griddepcontrol.wait for the split grid's memory.
+// Grid: x = tile * group_tile + head in tile, y = kv_head, z = batch * chunks + chunk.
+// Threads: kCombineDims / VEC columns of VEC dimensions x PARTS threads; each thread sums every
+// PARTS-th split of its column, and the parts add up in part order (deterministic).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant__ DecodeParams p) {
+    constexpr int COLS = kCombineDims / VEC;
+    constexpr int PARTS = kThreads / COLS;
+    constexpr int PREFETCH = 8;
+    static_assert(kThreads % COLS == 0, "whole columns");
+    __shared__ float sm_w[kMaxSplits];   // split maxima, then weights
+    __shared__ float sm_l[kMaxSplits];   // split sums
+    __shared__ float red[PARTS][kCombineDims];
+    __shared__ float sm_inv;
+
+    const int group_tile = p.group_tile;
+    const int tile = blockIdx.x / group_tile, j = blockIdx.x % group_tile;
+    const int kv_head = blockIdx.y;
+    const int chunks = (p.head_dim + kCombineDims - 1) / kCombineDims;
+    const int b = blockIdx.z / chunks, chunk = blockIdx.z % chunks;
+    if (tile * group_tile + j >= p.group_size) return;  // past the group (uniform in the CTA)
+    const long long head = (long long)kv_head * p.group_size + tile * group_tile + j;
+    const long long slot = ((long long)b * gridDim.y + kv_head) * p.num_group_tiles + tile;
+    const int D = p.head_dim, S = p.num_splits;
+    const long long split_stride = (long long)group_tile * D;
+    const float* all_o = p.partial_o + slot * S * split_stride + (long long)j * D;
+    const float* all_ml = p.partial_ml + (slot * S * group_tile + j) * 2;
+    const int col = threadIdx.x % COLS, part = threadIdx.x / COLS;
+    const int e = chunk * kCombineDims + col * VEC;
+    const bool active = e < D;
+
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // the split grid's partials
+#endif
+    auto load = [&](int s, float (&x)[VEC]) {
+        if constexpr (VEC == 4) {
+            const float4 f = __ldcg(reinterpret_cast<const float4*>(all_o + s * split_stride + e));
+            x[0] = f.x; x[1] = f.y; x[2] = f.z; x[3] = f.w;
+        } else {
+            x[0] = __ldcg(all_o + s * split_stride + e);
+        }
+    };
+    // o does not depend on the weights: the first columns are in flight with the maxima.
+    float pre[PREFETCH][VEC];
+#pragma unroll
+    for (int k = 0; k < PREFETCH; ++k)
+        if (active && part + k * PARTS < S) load(part + k * PARTS, pre[k]);
+    for (int s = threadIdx.x; s < S; s += kThreads) {
+        sm_w[s] = __ldcg(all_ml + s * group_tile * 2);
+        sm_l[s] = __ldcg(all_ml + s * group_tile * 2 + 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // one warp: max, weights exp2(m_s - max), sum, in a fixed order
+        const int lane = threadIdx.x;
+        float mx = FLASHDEC_NEG_INF;
+        for (int s = lane; s < S; s += 32) mx = nan_max(mx, sm_w[s]);
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        float sum = 0.f;
+        for (int s = lane; s < S; s += 32) {
+            const float w = rescale(sm_w[s], mx);
+            sum = fmaf(w, sm_l[s], sum);
+            sm_w[s] = w;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (lane == 0) {
+            const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
+            if (chunk == 0) {
+                sm_inv = finish_head(p, b, head, mx, sum, vs);
+            } else {
+                sm_inv = sum == 0.f ? 0.f : vs / sum;
+            }
+        }
+    }
+    __syncthreads();
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+    if (active) {
+        int s = part;
+#pragma unroll
+        for (int k = 0; k < PREFETCH; ++k, s += PARTS)
+            if (s < S) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) acc[i] = fmaf(sm_w[s], pre[k][i], acc[i]);
+            }
+#pragma unroll 4
+        for (; s < S; s += PARTS) {
+            float x[VEC];
+            load(s, x);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[i] = fmaf(sm_w[s], x[i], acc[i]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) red[part][col * VEC + i] = acc[i];
+    __syncthreads();
+    const int d = chunk * kCombineDims + threadIdx.x;
+    if (threadIdx.x < kCombineDims && d < D) {
+        float r = 0.f;
+#pragma unroll
+        for (int q = 0; q < PARTS; ++q) r += red[q][threadIdx.x];
+        store_y<T>(p, b, head, d, r * sm_inv);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
