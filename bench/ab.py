@@ -60,9 +60,9 @@ def build(case: tuple, sets: list, settings: dict):
             problem = runner.problem
             fn = cuda_backend._function(_kernels.combine_kernel(problem.dtype, problem.head_dim),
                                         runner.device)
-            launch.combine = _driver.DependentLaunch(
+            launch.combine = _driver.LaunchEx(
                 runner.device, fn, _kernels.combine_grid(problem, launch.spec, launch.split),
-                _kernels.THREADS)
+                _kernels.THREADS, dependent=True)
     if "qvec" in settings:
         launch.params.q_vector = settings["qvec"]
     qs, ks, vs, outs = sets

@@ -25,11 +25,10 @@ pieces = {
     "pointers": lambda: fast.pointers(args),
     "current stream": lambda: torch_current_stream(0),
     "run_pointers": lambda: runner.run_pointers(ptrs, stream),
-    "driver.launch": lambda: _driver.launch(runner.device, launch.fn, launch.grid, 128, stream,
-                                            launch.params_address),
+    "kernel launch": lambda: launch.kernel(stream, launch.params_address),
     "cuLaunchKernel": lambda: _driver.driver.cuLaunchKernel(
-        launch.fn.handle, *launch.grid, 128, 1, 1, launch.fn.dynamic_smem,
-        _driver._streams[stream], launch.params_address, 0),
+        launch.kernel.func.handle, *launch.kernel.grid, 128, 1, 1,
+        launch.kernel.func.dynamic_smem, _driver._stream(stream), launch.params_address, 0),
 }
 for name, fn in pieces.items():
     for _ in range(500):

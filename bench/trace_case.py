@@ -71,14 +71,14 @@ def case(spec: str, splits: int | None, flush: torch.Tensor) -> None:
     p = flashdec.plan(q, k, v, out, backend="cuda", num_splits=splits, **scales)
     launch = p._runner.fast
     us, g = graph_us(lambda: p.run(q, k, v, out), flush)
-    err, dptr, size = _driver.driver.cuModuleGetGlobal(launch.fn.module, b"flashdec_trace")
+    err, dptr, size = _driver.driver.cuModuleGetGlobal(launch.kernel.func.module, b"flashdec_trace")
     _driver.check(err, "cuModuleGetGlobal")
     _driver.check(_driver.driver.cuMemsetD32(dptr, 0, size // 4)[0], "cuMemsetD32")
     flush_l2(flush)
     torch.cuda.synchronize()
     g.replay()
     torch.cuda.synchronize()
-    n = launch.grid[0] * launch.grid[1] * launch.grid[2]
+    n = launch.kernel.grid[0] * launch.kernel.grid[1] * launch.kernel.grid[2]
     host = np.zeros((n, 16), dtype=np.uint64)
     _driver.check(_driver.driver.cuMemcpyDtoH(host.ctypes.data, dptr, host.nbytes)[0], "DtoH")
     t = host[:, :15].astype(np.int64)
@@ -87,7 +87,7 @@ def case(spec: str, splits: int | None, flush: torch.Tensor) -> None:
     end = rel["done"].max()
     merging = t[:, SLOT["merge_fenced"]] != 0
     kv_mb = 2 * b * hkv * klen * d * k.element_size() / 1e6
-    print(f"\n== {spec} {launch.spec.name_expression.split('::')[1]} grid {launch.grid} "
+    print(f"\n== {spec} {launch.spec.name_expression.split('::')[1]} grid {launch.kernel.grid} "
           f"splits {launch.split.num_splits} x {launch.split.split_rows} rows, {kv_mb:.1f} MB")
     print(f"graph replay (events): {us:.1f} us; kernel span (first entry -> last done): "
           f"{end / 1e3:.1f} us; outside the span: {us - end / 1e3:.1f} us")

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One GPU run: the test suite with the cuda backend, a compute-sanitizer memcheck pass, and
 # the benchmark. Logs go to $OUT when set (the lent machine), else ./out.
-#   STEPS="tests memcheck bench" (default all three)   PYTEST_K=... (pytest -k)
+#   STEPS="tests memcheck racecheck bench" (default all four)   PYTEST_K=... (pytest -k)
 #   BENCH_ARGS="--quick" (default; " " for the full table)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export FLASHDEC_CACHE_DIR=${FLASHDEC_CACHE_DIR:-/tmp/flashdec-cache}
-STEPS=${STEPS:-tests memcheck bench}
+STEPS=${STEPS:-tests memcheck racecheck bench}
 status=0
 step() { echo "=== $1"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -30,6 +30,11 @@ if want memcheck; then
   step "compute-sanitizer memcheck"
   # No caching allocator: every tensor is its own allocation, so reads past one are caught.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 python3 ci/sanitize_cases.py 2>&1 | tee "$OUT/memcheck.txt" | tail -8 || status=1
+fi
+
+if want racecheck; then
+  step "compute-sanitizer racecheck"
+  compute-sanitizer --tool racecheck --error-exitcode 1 python3 ci/sanitize_cases.py --racecheck 2>&1 | tee "$OUT/racecheck.txt" | tail -8 || status=1
 fi
 
 if want bench; then

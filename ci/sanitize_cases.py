@@ -27,7 +27,7 @@ def _exact_allocation_cases(cases: int) -> int:
     hkv, cap = 2, 1024
     for dtype, kv_dtype in (("bfloat16", "bfloat16"), ("float16", "float8_e5m2"),
                             ("float32", "float32")):
-        for d in (64, 128, 80):
+        for d in (64, 128, 80, 112):
             for n in (1, 37, 1000):
                 kv_t = getattr(torch, kv_dtype)
                 # Q and Y first: K's declared span reaches past its allocation, and Y must not
@@ -97,11 +97,56 @@ def main() -> int:
                  for a, b in ((0, 1000), (1000, 1000), (1000, 3000))]
         flashdec.merge_states([o for o, _ in parts], [s for _, s in parts], backend="cuda")
         cases += 2
+    cases = _combine_cases(cases)
     cases = _exact_allocation_cases(cases)
     torch.cuda.synchronize()
     print(f"{cases} sanitizer cases passed")
     return 0
 
 
+def _combine_cases(cases: int) -> int:
+    """Few KV heads with many splits: the combine kernel merges (up to MAX_SPLITS), with
+    seqlens and a window that leave most splits empty."""
+    for dtype, kv_dtype, d in (("bfloat16", "bfloat16", 128), ("float16", "float8_e4m3fn", 96),
+                               ("float32", "float32", 80)):
+        q, k, v = make_qkv(1, 8, 1, 40000, d, dtype, "cuda", seed=cases)
+        scales = {}
+        if kv_dtype != dtype:
+            k, v = k.to(getattr(torch, kv_dtype)), v.to(getattr(torch, kv_dtype))
+            scales = {"k_scale": 0.5, "v_scale": 2.0}
+        for splits in (None, 300):
+            out, lse = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda",
+                                       num_splits=splits, return_lse=True, **scales)
+            assert_close(out, q, k, v, lse=lse, **scales)
+            seqlens = torch.tensor([12345], dtype=torch.int32, device="cuda")
+            out = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda", num_splits=splits,
+                                  seqlens=seqlens, window_left=999, **scales)
+            assert_close(out, q, k[:, :, 11345:12345], v[:, :, 11345:12345], **scales)
+            cases += 2
+    return cases
+
+
+def racecheck() -> int:
+    """A few launches of each shared-memory protocol for compute-sanitizer racecheck (slow):
+    the MMA ring with the last-CTA merge and with the combine kernel, fp8 with padded tiles,
+    Q by plain loads, the SIMT kernel."""
+    runs = [((2, 32, 8, 3000, 128, "bfloat16"), 8), ((1, 8, 1, 20000, 128, "bfloat16"), None),
+            ((2, 16, 2, 2000, 80, "float16"), 5), ((2, 8, 2, 1000, 64, "float32"), 3)]
+    for (b, hq, hkv, klen, d, dtype), splits in runs:
+        q, k, v = make_qkv(b, hq, hkv, klen, d, dtype, "cuda", seed=d)
+        out = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda", num_splits=splits)
+        assert_close(out, q, k, v)
+    q, k, v = make_qkv(2, 16, 2, 2000, 80, "bfloat16", "cuda", seed=3, kv_dtype="float8_e4m3fn")
+    out = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda", k_scale=1.0, v_scale=1.0)
+    assert_close(out, q, k, v)
+    wide = torch.empty(2, 16, 136, dtype=torch.bfloat16, device="cuda")[..., :128]
+    q, k, v = make_qkv(2, 16, 4, 900, 128, "bfloat16", "cuda", seed=5)
+    wide.copy_(q)
+    assert_close(flashdec.decode(wide, k, v, poisoned_like(q), backend="cuda"), q, k, v)
+    torch.cuda.synchronize()
+    print(f"{len(runs) + 2} racecheck cases passed")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(racecheck() if sys.argv[1:] == ["--racecheck"] else main())

@@ -16,8 +16,8 @@ from ..._errors import ContractError
 from ..._registry import Backend
 from ..._views import Device, TensorMut, TensorRef
 from . import _driver
-from ._kernels import (MAX_HEAD_DIM, MAX_MERGE_PARTS, MAX_SPLITS, THREADS, VECTOR_BYTES,
-                       KernelSpec, choose_kernels, combine_grid, combine_kernel, kernels_for,
+from ._kernels import (DEFAULT_BANDWIDTH, MAX_HEAD_DIM, MAX_MERGE_PARTS, MAX_SPLITS,
+                       SUSTAINED_DRAM_FRACTION, THREADS, VECTOR_BYTES, KernelSpec, choose_kernels, combine_grid, combine_kernel, kernels_for,
                        kv_dtypes_for, merge_kernel, source, split_layout, workspace_layout)
 
 __all__ = ["CudaBackend", "precompile"]
@@ -123,15 +123,17 @@ def _device_buffer(device: _driver.DeviceInfo, nbytes: int) -> tuple[Any, int]:
 
 
 class _Launch:
-    """One kernel with its split layout, workspace and packed parameter struct."""
+    """One kernel with its split layout, workspace and packed parameter struct, and how its
+    splits merge (in the kernel's last CTA, or in the combine kernel launched next)."""
 
     def __init__(self, runner: "_Runner", spec: KernelSpec, num_splits: int | None) -> None:
-        problem = runner.problem
+        problem, device = runner.problem, runner.device
         self.spec = spec
-        self.split = split_layout(problem, spec, runner.device.num_sms, num_splits)
+        self.split = split_layout(problem, spec, device.num_sms, num_splits,
+                                  bandwidth=runner.bandwidth)
         sizes = workspace_layout(problem, spec, self.split)
         self.workspace_bytes = sum(sizes)
-        self._workspace, base = _device_buffer(runner.device, self.workspace_bytes)
+        self._workspace, base = _device_buffer(device, self.workspace_bytes)
         self.arrivals_count = sizes[2] // 4
         self.arrivals_ready = False
         p = self.params = DecodeParams()
@@ -146,15 +148,15 @@ class _Launch:
         p.combine = int(self.split.combine)
         self.params_array = _driver.params_pointer_array(p)
         self.params_address = ctypes.addressof(self.params_array)
-        self.grid = (self.split.num_splits * self.split.num_group_tiles, problem.num_kv_heads,
-                     problem.batch)
-        self.fn = _function(spec.name_expression, runner.device, spec.smem_bytes)
+        grid = (self.split.num_splits * self.split.num_group_tiles, problem.num_kv_heads,
+                problem.batch)
+        fn = _function(spec.name_expression, device, spec.smem_bytes)
+        self.kernel = _driver.LaunchEx(device, fn, grid, THREADS)
         self.combine = None  # the split merge as a launch of its own (split.combine)
         if self.split.combine:
-            self.combine = _driver.DependentLaunch(
-                runner.device, _function(combine_kernel(problem.dtype, problem.head_dim),
-                                         runner.device),
-                combine_grid(problem, spec, self.split), THREADS)
+            self.combine = _driver.LaunchEx(
+                device, _function(combine_kernel(problem.dtype, problem.head_dim), device),
+                combine_grid(problem, spec, self.split), THREADS, dependent=True)
 
 
 def _set_strides(array: Any, layout: Layout | None) -> None:
@@ -170,6 +172,8 @@ class _Runner:
         self.problem = problem
         self.device = _driver.device_info(problem.device.index)
         self.num_splits = num_splits
+        peak = self.device.dram_bytes_per_s
+        self.bandwidth = SUSTAINED_DRAM_FRACTION * peak if peak else DEFAULT_BANDWIDTH
         p = self.base_params = DecodeParams()
         for name in ("q", "k", "v", "out", "lse"):
             _set_strides(getattr(p, f"{name}_stride"), getattr(layouts, name))
@@ -232,8 +236,7 @@ class _Runner:
         p = launch.params
         p.q, p.k, p.v, p.out, p.lse, p.k_scale, p.v_scale = q, k, v, out, lse, k_scale, v_scale
         p.seqlens = self.seqlens_ptr if host_seqlens else seqlens
-        _driver.launch(self.device, launch.fn, launch.grid, THREADS, stream,
-                       launch.params_address)
+        launch.kernel(stream, launch.params_address)
         if launch.combine is not None:
             launch.combine(stream, launch.params_address)
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..._errors import BackendUnavailableError, CudaError
 
 __all__ = ["driver", "check", "init", "DeviceInfo", "device_info", "Function", "load_function",
-           "launch", "DependentLaunch", "DeviceAllocation", "memset32_async", "copy_to_device_async",
+           "launch", "LaunchEx", "DeviceAllocation", "memset32_async", "copy_to_device_async",
            "ContextGuard", "params_pointer_array"]
 
 try:
@@ -78,6 +78,7 @@ class DeviceInfo:
     arch: str            # "sm_90"
     num_sms: int
     context: Any         # the primary context
+    dram_bytes_per_s: float | None = None  # peak, from the memory clock and bus width
 
 
 _devices: dict[int, DeviceInfo] = {}
@@ -107,8 +108,20 @@ def device_info(index: int) -> DeviceInfo:
             err, ctx = driver.cuDevicePrimaryCtxRetain(dev)
             check(err, f"cuDevicePrimaryCtxRetain({index})")
             _devices[index] = DeviceInfo(index, raw_name.split(b"\0")[0].decode(),
-                                         f"sm_{values[0]}{values[1]}", values[2], ctx)
+                                         f"sm_{values[0]}{values[1]}", values[2], ctx,
+                                         _dram_bytes_per_s(dev))
         return _devices[index]
+
+
+def _dram_bytes_per_s(dev: Any) -> float | None:
+    """Peak DRAM bandwidth: memory clock (kHz) x 2 (double data rate) x bus width (bits) / 8;
+    None where the driver does not say."""
+    attr = driver.CUdevice_attribute
+    err, khz = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE, dev)
+    err2, bits = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH, dev)
+    if err != driver.CUresult.CUDA_SUCCESS or err2 != driver.CUresult.CUDA_SUCCESS or not khz * bits:
+        return None
+    return khz * 1e3 * 2 * bits / 8
 
 
 class ContextGuard:
@@ -189,29 +202,31 @@ def launch(device: DeviceInfo, func: Function, grid: tuple[int, int, int], block
                         f"failed: {name}", name)
 
 
-class DependentLaunch:
-    """A kernel launched right behind the previous kernel of its stream with programmatic
-    stream serialization (``cuLaunchKernelEx``; Hopper and newer, else a plain launch): its
-    CTAs may start while that kernel's last CTAs run, and wait for its memory in
-    ``griddepcontrol.wait``. The launch configuration is built once; a call sets the stream."""
+class LaunchEx:
+    """A kernel launched through ``cuLaunchKernelEx`` when it has launch attributes, its
+    configuration built once; a call sets the stream.
+
+    ``dependent``: programmatic stream serialization (Hopper and newer; a plain launch
+    before), so its CTAs may start while the previous kernel of the stream finishes, and
+    wait for that kernel's memory in ``griddepcontrol.wait``."""
 
     def __init__(self, device: DeviceInfo, func: Function, grid: tuple[int, int, int],
-                 block: int) -> None:
+                 block: int, *, dependent: bool = False) -> None:
         self.device, self.func, self.grid, self.block = device, func, grid, block
-        self.programmatic = int(device.arch.removeprefix("sm_")) >= 90
-        if self.programmatic:
+        self.extended = dependent and int(device.arch.removeprefix("sm_")) >= 90
+        if self.extended:
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
             config = self.config = driver.CUlaunchConfig()
             config.gridDimX, config.gridDimY, config.gridDimZ = grid
             config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
             config.sharedMemBytes = func.dynamic_smem
-            attr = driver.CUlaunchAttribute()
-            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            attr.value.programmaticStreamSerializationAllowed = 1
             config.attrs = [attr]
             config.numAttrs = 1
 
     def __call__(self, stream: int, params_address: int) -> None:
-        if not self.programmatic:
+        if not self.extended:
             launch(self.device, self.func, self.grid, self.block, stream, params_address)
             return
         self.config.hStream = _stream(stream)

@@ -18,7 +18,7 @@ from ..._dtypes import DType
 __all__ = ["MmaSpec", "SimtSpec", "KernelSpec", "SplitLayout", "THREADS", "MAX_SPLITS",
            "MAX_FUSED_SPLITS", "MAX_HEAD_DIM", "MAX_MERGE_PARTS", "VECTOR_BYTES", "source",
            "choose_kernels", "kernels_for", "shipped_kernels", "split_layout",
-           "workspace_layout", "merge_kernel", "combine_kernel", "combine_grid"]
+           "workspace_layout", "merge_kernel", "combine_kernel", "combine_grid", "split_cost"]
 
 THREADS = 128          # kThreads in decode.cu
 WARPS = THREADS // 32
@@ -270,6 +270,7 @@ MMA_ROWS_PER_US = 85.0 * 128  # rows x head dims a 16-head MMA CTA consumes per 
 FUSED_MERGE_US, FUSED_MERGE_BYTES_PER_US = 0.5, 50e3   # the last CTA of a slot
 COMBINE_US, COMBINE_BYTES_PER_US = 1.0, 25e3           # per combine CTA, CTAs in parallel
 DEFAULT_BANDWIDTH = 4.0e12  # bytes/s the cost model assumes when the device's is unknown
+SUSTAINED_DRAM_FRACTION = 0.82  # of the DRAM peak a decode streams (H200: 4.0 of 4.9 TB/s)
 
 
 def split_cost(problem: DecodeProblem, spec: KernelSpec, num_sms: int, bandwidth: float,
