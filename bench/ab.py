@@ -1,6 +1,6 @@
 """A/B timing of cuda-backend variants on one shape, interleaved in one process, each twice.
 
-    PYTHONPATH=src python3 bench/ab.py "B,Hq,Hkv,K,D[,kv_dtype]" VARIANT [VARIANT ...]
+    PYTHONPATH=src:bench python3 bench/ab.py "B,Hq,Hkv,K,D[,kv_dtype[,q_dtype]]" VARIANT ...
 
 A variant is a comma-free list of ``key=value`` settings joined by ``+`` (``auto`` for the
 plan as shipped):
@@ -79,9 +79,9 @@ def main(argv: list[str]) -> None:
     nbytes = k.numel() * k.element_size() * 2
     n = rotation_sets(nbytes, nbytes)
     sets = ([q] + [torch.randn_like(q) for _ in range(n - 1)],
-            [k] + [torch.randn(k.shape, device="cuda", dtype=torch.bfloat16).to(k.dtype)
+            [k] + [torch.randn(k.shape, device="cuda", dtype=q.dtype).to(k.dtype)
                    for _ in range(n - 1)],
-            [v] + [torch.randn(v.shape, device="cuda", dtype=torch.bfloat16).to(v.dtype)
+            [v] + [torch.randn(v.shape, device="cuda", dtype=q.dtype).to(v.dtype)
                    for _ in range(n - 1)],
             [torch.empty_like(out) for _ in range(n)])
     built = [build(case, sets, _parse(text)) for text in variants]
