@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 
 import pytest
+import torch
 
 from flashdec import bench
 from flashdec.bench import Shape, default_shapes, parse_shapes
 
 COPY_BPS = 3.0e12
+
+# Triton's interpreter (which runs the Triton peer's kernels on CPU tensors) is chosen when
+# triton's own library functions are decorated, at its first import: on a machine without a
+# GPU, ask for it now, before any test imports triton. A GPU machine compiles the kernels.
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 # -- rows -----------------------------------------------------------------------------------------
@@ -86,7 +95,7 @@ def test_ragged_lengths_match_the_uniform_twin(batch) -> None:
 
 def test_default_shapes_cover_the_spec() -> None:
     rows = default_shapes()
-    assert 25 <= len(rows) <= 32
+    assert 40 <= len(rows) <= 50
     names = [r.name for r in rows]
     assert len(set(names)) == len(names)
     dims = {(r.batch, r.heads, r.kv_heads, r.kv_len, r.head_dim) for r in rows
@@ -94,11 +103,11 @@ def test_default_shapes_cover_the_spec() -> None:
     assert set(bench.DESIGN_SHAPES) <= dims
     assert any(r.dtype == "float16" for r in rows)
     assert any(r.kv_dtype == "float8_e4m3fn" for r in rows)
-    assert {64, 128, 256} <= {r.head_dim for r in rows}
+    assert {64, 80, 96, 112, 128, 160, 192, 256} == {r.head_dim for r in rows}
     assert max(r.batch for r in rows) == 256
-    assert min(r.kv_len for r in rows) == 512 and max(r.kv_len for r in rows) == 131072
+    assert min(r.kv_len for r in rows) == 512 and max(r.kv_len for r in rows) == 262144
     groups = {r.heads // r.kv_heads for r in rows}
-    assert {1, 4, 8} <= groups and any(r.kv_heads == 1 for r in rows)  # MHA, GQA, MQA
+    assert {1, 4, 5, 7, 8, 16, 32} <= groups and any(r.kv_heads == 1 for r in rows)
     by_name = {r.name: r for r in rows}
     for r in rows:
         if r.ragged:  # every ragged row has its uniform twin
@@ -109,6 +118,37 @@ def test_default_shapes_cover_the_spec() -> None:
             twin = Shape.make(r.batch, r.heads, r.kv_heads, r.kv_len, r.head_dim, "bfloat16",
                               ragged=r.ragged)
             assert twin.name in by_name or r.ragged
+    # head_dim 80, 96, 112, 160, 192 (not a power of two): 16-bit rows at 67-134 MB of KV,
+    # D=96 also fp8, batched and ragged
+    odd = [r for r in rows if r.head_dim not in (64, 128, 256)]
+    assert {80, 96, 112, 160, 192} == {r.head_dim for r in odd if not r.fp8 and r.batch == 1}
+    for r in odd:
+        if not r.fp8 and r.batch == 1:
+            assert 67e6 <= r.kv_bytes() <= 134.3e6, r.name
+    assert {(r.fp8, r.ragged, r.batch > 1) for r in odd if r.head_dim == 96} == {
+        (False, False, False), (True, False, False), (False, False, True), (False, True, True)}
+    # few KV heads (batch * kv_heads <= 8), an fp8 one among them; one-split large batches
+    for spec in ("1,8,1,65536,128", "1,8,1,262144,128", "1,16,2,131072,128",
+                 "2,32,4,65536,128", "1,8,1,262144,128,bf16,fp8", "128,32,8,1024,128",
+                 "64,16,16,2048,64", "1,40,8,32768,128", "1,28,4,32768,128",
+                 "1,64,4,32768,128"):
+        assert parse_shapes(spec)[0].name in by_name, spec
+
+
+def test_default_rows_head_dim_twins() -> None:
+    """Every D != 128 default row has its D=128 twin at the same KV bytes, or is named here."""
+    rows = default_shapes()
+    result = {"rows": [bench.row_info(r, 2, COPY_BPS) for r in rows]}
+    orphans = {rows[n - 1].name for n in bench.head_dim_orphans(result)}
+    assert orphans == {"4,16,8,16384,256 bf16", "32,16,4,8192,64 bf16", "8,32,32,2048,96 bf16",
+                       "8,32,32,4096,96 bf16 ragged", "64,16,16,2048,64 bf16"}
+    by_name = {r.name: r for r in rows}
+    for r in rows:
+        if r.head_dim != 128 and r.name not in orphans:
+            (twin,) = [t for what, t in bench._twin_candidates(bench.row_info(r, 2, None)["shape"])
+                       if what.startswith("D=")]
+            assert by_name[twin].kv_bytes() == r.kv_bytes(), (r.name, twin)
+            assert by_name[twin].variant == r.variant
 
 
 def test_quick_and_dtype_override() -> None:
@@ -285,6 +325,139 @@ def test_twins(fake_result) -> None:
     json.dumps(fake_result)
 
 
+# -- targets on fake timings ----------------------------------------------------------------------
+@pytest.fixture
+def target_result():
+    """Rows built so that some targets miss and some pass (COPY_BPS = 3 TB/s)."""
+    rows = [
+        # 1: the small row at 9.5 us graph (target 9.0); best peer SDPA at 11.0
+        _row("1,32,8,4096,128", {"flashdec": (10.0, 9.5), "sdpa-cudnn": (33.3, 11.0),
+                                 "triton": (40.0, 12.0)}),
+        # 2: 134 MB, batch * kv_heads = 8 (few KV heads too): 97.3% of floor, but Triton is
+        #    faster in graph mode
+        _row("1,32,8,32768,128", {"flashdec": (50.0, 46.0), "sdpa-cudnn": (69.2, 53.6),
+                                  "triton": (60.0, 45.0)}),
+        # 3: one KV head, 134 MB: 63.9% of floor (ladder 90% and few-KV 70% miss), Triton
+        #    faster in graph mode, slower in eager
+        _row("1,8,1,262144,128", {"flashdec": (75.0, 70.0), "sdpa-cudnn": (250.0, 80.0),
+                                  "triton": (80.0, 65.0)}),
+        # 4: its fp8 twin, 67 MB: 74.6% (few-KV 70% passes, ladder 85% and fp8 90% miss)
+        _row("1,8,1,262144,128,bf16,fp8", {"flashdec": (35.0, 30.0), "sdpa-cudnn": bench.FP8_NA,
+                                           "triton": (40.0, 35.0)}),
+        # 5: the D=128 twin of row 6 at 110 MB: 96.6%
+        _row("1,32,32,6720,128", {"flashdec": (42.0, 38.0), "triton": (50.0, 45.0)}),
+        # 6: D=96 at the same bytes: 89.5% (ladder 85% passes), 0.927 of its twin's (misses)
+        _row("1,32,32,8960,96", {"flashdec": (45.0, 41.0), "triton": (50.0, 45.0)}),
+        # 7: ragged, 268 MB valid: 94.2% against 97%
+        _row("8,32,8,16384,128,ragged", {"flashdec": (99.0, 95.0), "sdpa-cudnn": (120.0, 100.0)}),
+        # 8: flashdec n/a
+        _row("1,32,8,32768,128,fp16", {"flashdec": "CompilationError: boom",
+                                       "sdpa-cudnn": (70.0, 54.0)}),
+        # 9: 537 MB at 98.3%
+        _row("1,32,8,131072,128", {"flashdec": (190.0, 182.0), "sdpa-cudnn": (200.0, 190.0)}),
+        # 10: no flashdec record at all (a peers-only run): no check, no crash
+        _row("2,8,2,64,32", {"sdpa-cudnn": (5.0, 4.0)}),
+    ]
+    result = {"schema": bench.SCHEMA, "environment": {"device": "NVIDIA H200"},
+              "config": {"iters": 50, "impls": list(bench.DEFAULT_IMPLS)},
+              "copy": {"bytes": 2**30, "bps": COPY_BPS, "tbps": COPY_BPS / 1e12},
+              "host_overhead": None, "rows": rows}
+    result["summary"] = bench.summarize(result)
+    return result
+
+
+def test_targets_exact(target_result) -> None:
+    checks = bench.targets(target_result)
+    got = [(c["n"], c["key"], c["ok"]) for c in checks]
+    assert got == [
+        (1, "vs_best_peer", True), (1, "vs_best_peer", True), (1, "small_row_us", False),
+        (2, "vs_best_peer", True), (2, "vs_best_peer", False), (2, "floor", True),
+        (2, "few_kv_floor", True), (2, "vs_triton", False),
+        (3, "vs_best_peer", True), (3, "vs_best_peer", False), (3, "floor", False),
+        (3, "few_kv_floor", False), (3, "vs_triton", False),
+        (4, "vs_best_peer", True), (4, "vs_best_peer", True),  # fp8: no 16-bit ladder
+        (4, "few_kv_floor", True), (4, "fp8_floor", False), (4, "vs_triton", True),
+        (5, "vs_best_peer", True), (5, "vs_best_peer", True), (5, "floor", True),
+        (6, "vs_best_peer", True), (6, "vs_best_peer", True), (6, "floor", True),
+        (6, "head_dim_twin", False),
+        (7, "vs_best_peer", True), (7, "vs_best_peer", True), (7, "floor", False),
+        (8, "flashdec_runs", False), (8, "flashdec_runs", False),
+        (9, "vs_best_peer", True), (9, "vs_best_peer", True), (9, "floor", True),
+        (9, "few_kv_floor", True),
+        (None, "geomean_vs_sdpa", False), (None, "geomean_vs_sdpa", True),
+    ]
+    rows = target_result["rows"]
+
+    def pct(n):
+        return 100 * rows[n - 1]["floor_us"] / rows[n - 1]["impls"]["flashdec"]["graph"]["us"]
+    assert checks[2]["measured"] == 9.5 and checks[2]["target"] == "graph us <= 9"
+    assert checks[4]["measured"] == pytest.approx(45.0 / 46.0)  # Triton is the best peer
+    assert checks[4]["target"] == "best peer / flashdec, graph >= 1.00x"
+    assert checks[10]["measured"] == pytest.approx(pct(3)) and checks[10]["target"] == \
+        "% of floor (KV >= 128 MB) >= 90%"
+    assert round(pct(3), 1) == 63.9 and checks[11]["target"].endswith(">= 70%")
+    assert checks[16]["measured"] == pytest.approx(pct(4)) and round(pct(4), 1) == 74.6
+    assert checks[16]["target"] == "% of floor (fp8 KV, KV >= 64 MB) >= 90%"
+    assert checks[24]["measured"] == pytest.approx(pct(6) / pct(5))
+    assert checks[24]["shown"] == "0.927" and "1,32,32,6720,128 bf16" in checks[24]["target"]
+    assert checks[27]["target"] == "% of floor (KV >= 256 MB) >= 97%"
+    assert round(checks[27]["measured"], 1) == 94.2  # against the valid bytes of the ragged row
+    assert checks[28]["shown"] == "n/a (CompilationError: boom)"
+    want = math.exp((math.log(11.0 / 9.5) + math.log(53.6 / 46) + math.log(80 / 70)
+                     + math.log(100 / 95) + math.log(190 / 182)) / 5)
+    assert checks[-2]["measured"] == pytest.approx(want) and want < 1.15
+    assert checks[-2]["target"] == "geomean best SDPA / flashdec, graph >= 1.15x"
+    assert checks[-1]["measured"] >= 1.3
+    summary = target_result["summary"]
+    assert summary["misses"] == [c for c in checks if not c["ok"]]
+    assert summary["targets"] == {"checked": len(checks), "missed": 13}
+    assert summary["vs_best_sdpa"]["graph"]["target"] == 1.15
+    json.dumps(target_result)
+
+
+def test_targets_all_met(target_result) -> None:
+    """Faster flashdec numbers on the same rows: nothing misses, the table says so."""
+    for row in target_result["rows"]:
+        res = row["impls"].get("flashdec")
+        if not res or res["graph"]["us"] is None:
+            continue
+        for mode in bench.MODES:
+            us = 0.99 * row["floor_us"] if row["floor_us"] > 10 else 5.0
+            res[mode].update(us=us, **bench._rates(us, row["bytes"], COPY_BPS))
+    target_result["rows"] = [r for r in target_result["rows"]
+                             if r["impls"].get("flashdec", {}).get("graph", {}).get("us")]
+    checks = bench.targets(target_result)
+    assert checks and all(c["ok"] for c in checks)
+    assert {c["key"] for c in checks} == {"vs_best_peer", "floor", "few_kv_floor", "fp8_floor",
+                                         "small_row_us", "vs_triton", "head_dim_twin",
+                                         "geomean_vs_sdpa"}
+    text = bench.format_table(target_result)
+    assert f"Rows that miss a target: 0 of {len(checks)} checks, none missed" in text
+
+
+def test_format_table_lists_the_misses(target_result) -> None:
+    text = bench.format_table(target_result)
+    lines = text.splitlines()
+    at = lines.index("Rows that miss a target: 13 of 36 checks")
+    misses = lines[at + 1:]
+    assert len(misses) == 13 and lines[-1] == misses[-1]
+    assert misses[0] == "  row 1 (1,32,8,4096,128 bf16): graph us <= 9: measured 9.5 us"
+    assert "  row 3 (1,8,1,262144,128 bf16): % of floor (few KV heads, KV >= 32 MB) >= 70%: " \
+        "measured 63.9%" in misses
+    assert "  row 8 (1,32,8,32768,128 fp16): flashdec runs, graph: measured n/a " \
+        "(CompilationError: boom)" in misses
+    assert misses[-1].startswith("  all rows: geomean best SDPA / flashdec, graph >= 1.15x: "
+                                 "measured 1.1")
+    header = [ln for ln in lines if ln.startswith("| #")][0]
+    assert "Triton split-KV" in header and "best peer / flashdec (graph / eager)" in header
+    row1 = [ln for ln in lines if ln.startswith("| 1 |")][0]
+    assert "1.16x / 3.33x" in row1  # best peer / flashdec, graph / eager
+    row10 = [ln for ln in lines if ln.startswith("| 10 |")][0]
+    assert row10.endswith("| - | - | - / - |")  # no flashdec: no rate, no ratio
+    assert "targets graph >= 1.15x, eager >= 1.30x" in text
+    assert "No D=128 twin at the same KV bytes in this run: row 10" in text
+
+
 def test_format_table(fake_result) -> None:
     text = bench.format_table(fake_result)
     lines = text.splitlines()
@@ -402,3 +575,181 @@ def test_run_end_to_end_on_cpu_with_fake_timers(tmp_path, monkeypatch, capsys) -
     assert "[ 1/3]" in progress and "[ 3/3]" in progress and "host overhead" in progress
     text = bench.format_table(saved)
     assert "plan.run 4.00 us/call" in text and "decode n/a" in text
+
+
+# -- the Triton peer ------------------------------------------------------------------------------
+TRITON_SKIP = ("triton is not installed (pip install triton): the Triton peer's kernels go "
+               "unchecked")
+
+
+def _interpreter_index_shim(monkeypatch) -> None:
+    """Let Triton's interpreter run loops with tensor bounds under NumPy >= 2.4.
+
+    The interpreter of triton <= 3.6 turns a scalar (a 1-element array there) into an int with
+    ``int(array)``, which NumPy 2.4 refuses (triton-lang/triton#9171, fixed upstream by taking
+    the element first). Patched for this test only, and only where NumPy refuses.
+    """
+    import numpy as np
+    try:
+        int(np.zeros(1))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:  # a triton whose interpreter is laid out differently: leave it alone
+        return
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+
+
+@pytest.fixture
+def triton_peer(monkeypatch):
+    """``(flashdec._bench_triton, device)``: compiled for the GPU when there is one, else run by
+    Triton's interpreter on CPU tensors (see the ``TRITON_INTERPRET`` lines at the top)."""
+    pytest.importorskip("triton", reason=TRITON_SKIP)
+    from flashdec import _bench_triton as mod
+    if torch.cuda.is_available():
+        return mod, "cuda"
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(mod._split_kernel, InterpretedFunction):
+        pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 could be set: "
+                    "run TRITON_INTERPRET=1 python -m pytest tests/test_bench.py -k triton")
+    _interpreter_index_shim(monkeypatch)
+    return mod, "cpu"
+
+
+def _attention_f64(q, k, v, lengths, scale, k_scale=1.0, v_scale=1.0):
+    """Float64 decode attention of the given (already rounded) inputs; empty rows give 0."""
+    group = q.shape[1] // k.shape[1]
+    kd = (k.double() * k_scale).repeat_interleave(group, 1)
+    vd = (v.double() * v_scale).repeat_interleave(group, 1)
+    logits = torch.einsum("bhd,bhnd->bhn", q.double(), kd) * scale
+    if lengths is not None:
+        pos = torch.arange(k.shape[2], device=k.device)
+        logits = logits.masked_fill(pos[None, None, :] >= lengths.long()[:, None, None],
+                                    float("-inf"))
+    p = torch.softmax(logits, -1).nan_to_num(0.0)  # an empty row: softmax of all -inf is NaN
+    return torch.einsum("bhn,bhnd->bhd", p, vd)
+
+
+def _skip_bf16_in_interpreter(dtype, device) -> None:
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("Triton's interpreter multiplies bf16 tl.dot operands as raw uint16 bits; "
+                    "bf16 is checked on the GPU")
+
+
+TOL = {"float16": 4e-3, "bfloat16": 3e-2}  # of max |Y|: p and Y rounded to the 16-bit dtype
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("group", [1, 4, 5])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_triton_peer_matches_float64(triton_peer, head_dim, group, dtype) -> None:
+    mod, device = triton_peer
+    dt = getattr(torch, dtype)
+    _skip_bf16_in_interpreter(dt, device)
+    gen = torch.Generator(device=device).manual_seed(head_dim * 10 + group)
+    b, hkv, klen = 4, 2, 700
+    q = torch.randn(b, hkv * group, head_dim, device=device, dtype=dt, generator=gen)
+    k = torch.randn(b, hkv, klen, head_dim, device=device, dtype=dt, generator=gen)
+    v = torch.randn(b, hkv, klen, head_dim, device=device, dtype=dt, generator=gen)
+    # empty, a partial last tile, a split boundary, the whole capacity
+    lengths = torch.tensor([0, 333, 128, 700], dtype=torch.int32, device=device)
+    dec = mod.TritonDecode(q, k, v, sm_count=16, min_split_rows=64)
+    assert dec.splits > 2 and dec.split_rows % dec.block_n == 0  # several splits, some empty
+    y = dec(q, k, v, lengths)
+    ref = _attention_f64(q, k, v, lengths, head_dim ** -0.5)
+    assert y.dtype == dt and y.shape == q.shape
+    assert torch.equal(y[0], torch.zeros_like(y[0]))  # no key: zeros, not NaN
+    err = float((y.double() - ref).abs().max() / ref.abs().max())
+    assert err < TOL[dtype], err
+    out = torch.full_like(q, float("nan"))
+    assert dec(q, k, v, None, out) is out  # uniform: every row of the capacity
+    ref = _attention_f64(q, k, v, None, head_dim ** -0.5)
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("case", ["strided", "d160", "fp8", "one_split"])
+def test_triton_peer_layouts_fp8_and_wide_heads(triton_peer, case) -> None:
+    mod, device = triton_peer
+    dt = torch.float16
+    gen = torch.Generator(device=device).manual_seed(7)
+    b, hkv, group, klen, d = 2, 2, 8, 520, 160 if case == "d160" else 96
+    q = torch.randn(b, hkv * group, d, device=device, dtype=dt, generator=gen)
+    if case == "strided":  # K/V stored [B, K, H_kv, D] and Q [B, D, H_q]: seen as permuted views
+        k = torch.randn(b, klen, hkv, d, device=device, dtype=dt, generator=gen).transpose(1, 2)
+        v = torch.randn(b, klen, hkv, d, device=device, dtype=dt, generator=gen).transpose(1, 2)
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not (k.is_contiguous() or q.is_contiguous())
+    else:
+        k = torch.randn(b, hkv, klen, d, device=device, dtype=dt, generator=gen)
+        v = torch.randn(b, hkv, klen, d, device=device, dtype=dt, generator=gen)
+    scales = {}
+    if case == "fp8":
+        k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+        scales = {"k_scale": 0.5, "v_scale": 2.0}
+    lengths = torch.tensor([517, 260], dtype=torch.int32, device=device)
+    split = {"sm_count": 1} if case == "one_split" else {"sm_count": 16, "min_split_rows": 64}
+    dec = mod.TritonDecode(q, k, v, **split, **scales)
+    assert (dec.splits == 1) == (case == "one_split")
+    y = dec(q, k, v, lengths)
+    ref = _attention_f64(q, k.to(dt), v.to(dt), lengths, d ** -0.5, **scales)
+    err = float((y.double() - ref).abs().max() / ref.abs().max())
+    assert err < TOL["float16"], err
+
+
+def test_triton_split_plan_and_blocks(triton_peer) -> None:
+    mod, _ = triton_peer
+    assert mod.block_sizes(1, 64) == (16, 64, 64)
+    assert mod.block_sizes(5, 80) == (16, 64, 128)
+    assert mod.block_sizes(32, 128) == (32, 64, 128)
+    assert mod.block_sizes(8, 192) == (16, 32, 256)
+    assert mod.split_plan(1, 8, 32768, 132) == (32, 1024)     # 8 x 33 wanted, 1024-row splits
+    assert mod.split_plan(1, 1, 262144, 132) == (256, 1024)   # one KV head: 264 wanted
+    assert mod.split_plan(256, 8, 512, 132) == (1, 512)       # the batch fills the GPU
+    assert mod.split_plan(1, 8, 300, 132) == (1, 320)         # too short to split
+    for bh in (1, 2, 8, 16, 64, 512):
+        for klen in (100, 256, 1000, 4096, 65536, 262144):
+            splits, rows = mod.split_plan(bh, 1, klen, 132)
+            assert rows % 64 == 0 and (splits - 1) * rows < klen <= splits * rows
+            assert rows >= mod.MIN_SPLIT_ROWS or splits == 1
+            assert bh * splits < mod.CTAS_PER_SM * 132 + bh
+
+
+def test_triton_peer_in_bench_row(triton_peer) -> None:
+    """Wired into bench_row: runs, and its err against the torch backend is small."""
+    mod, device = triton_peer
+    (shape,) = parse_shapes("3,8,2,300,64,fp16,ragged")
+    row = bench.bench_row(shape, ["triton", "flashdec-torch"], copy_bps=COPY_BPS, iters=3,
+                          device=device, sets=2, timer=_fake_timer)
+    res = row["impls"]["triton"]
+    assert res["eager"]["us"] == 21.0 and res["err"] is not None and res["err"] < 1e-2
+    (fp32,) = parse_shapes("1,4,2,64,64,fp32")
+    impl = bench.build_impl("triton", bench.make_inputs(fp32, 1, device))
+    assert "bfloat16 or float16" in impl.na
+
+
+def test_triton_peer_not_installed(monkeypatch) -> None:
+    import flashdec
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "flashdec._bench_triton", raising=False)
+    monkeypatch.delattr(flashdec, "_bench_triton", raising=False)
+    inp = bench.make_inputs(Shape.make(1, 4, 2, 16, 64), 1, device="cpu")
+    assert bench.build_impl("triton", inp).na == "triton is not installed"
+
+
+def test_triton_peer_needs_cuda_or_the_interpreter(monkeypatch) -> None:
+    pytest.importorskip("triton", reason=TRITON_SKIP)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inp = bench.make_inputs(Shape.make(1, 4, 2, 16, 64), 1, device="cpu")
+    assert bench.build_impl("triton", inp).na.startswith("the Triton peer needs a CUDA device")
+
+
+def test_default_peers() -> None:
+    assert bench.DEFAULT_PEERS == ("sdpa-cudnn", "sdpa-flash", "triton", "flashdec-torch")
+    assert "flex" in bench.PEERS and "flex" not in bench.DEFAULT_IMPLS
+    assert bench.RIVALS == ("sdpa-cudnn", "sdpa-flash", "triton", "flex")

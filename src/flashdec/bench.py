@@ -1,9 +1,11 @@
 """``python -m flashdec bench``: flashdec against its peers on one GPU, in one process and run.
 
 Peers: torch SDPA pinned to cuDNN and to FlashAttention-2 (``enable_gqa=True``, Q as
-``[B, H, 1, D]``), FlexDecoding (``torch.compile(flex_attention)``, compile outside the timing)
-and flashdec's own torch backend on the GPU. A peer that cannot run a row is reported as
-``n/a`` with the reason; it never stops the run.
+``[B, H, 1, D]``), a plain two-kernel Triton split-KV decode (:mod:`flashdec._bench_triton`,
+when triton is installed) and flashdec's own torch backend on the GPU (the error column's
+reference); FlexDecoding (``torch.compile(flex_attention)``, compile outside the timing) on
+request (``--peers``: it is 10-30x slower and compiles for minutes). A peer that cannot run a
+row is reported as ``n/a`` with the reason; it never stops the run.
 
 Method (DESIGN.md section 4): CUDA events, median of ``iters`` (>= 50) after a warm-up, cold L2
 by rotating input sets whose bytes total >= 4x the L2, two modes for every implementation and
@@ -15,7 +17,8 @@ measured in the same run. Host overhead: 10,000 calls on a tiny problem, wall cl
 Pieces, importable: :class:`Shape` / :func:`parse_shapes` / :func:`default_shapes` (rows),
 :func:`time_samples` / :func:`time_eager` / :func:`time_graph` (timing),
 :func:`copy_bandwidth`, :func:`host_overhead`, :func:`bench_row` (one row), :func:`run` (the
-whole run, a JSON-ready dict), :func:`summarize`, :func:`format_table`, :func:`plot` (PNG).
+whole run, a JSON-ready dict), :func:`summarize`, :func:`targets` (the per-row targets),
+:func:`format_table`, :func:`plot` (PNG).
 Everything but the measuring runs without a GPU (``--plot results.json --png out.png``).
 """
 
@@ -42,13 +45,32 @@ HOST_CALLS = 10_000
 HOST_PROBLEM = (1, 8, 8, 16, 64)           # B, H_q, H_kv, K_len, D: GPU time negligible
 ERR_WARN = 2e-2                            # relative max error vs the torch backend that is flagged
 
-IMPLS = ("flashdec", "sdpa-cudnn", "sdpa-flash", "flex", "flashdec-torch")
-PEERS = IMPLS[1:]
+IMPLS = ("flashdec", "sdpa-cudnn", "sdpa-flash", "triton", "flex", "flashdec-torch")
+PEERS = IMPLS[1:]                          # what --peers accepts
+# The default run: FlexDecoding only on request (10-30x slower, minutes of compile per run).
+DEFAULT_PEERS = ("sdpa-cudnn", "sdpa-flash", "triton", "flashdec-torch")
+DEFAULT_IMPLS = ("flashdec",) + DEFAULT_PEERS
 SDPA_IMPLS = ("sdpa-cudnn", "sdpa-flash")
-RIVALS = SDPA_IMPLS + ("flex",)            # "best peer" for speedups: not flashdec's own torch
+RIVALS = SDPA_IMPLS + ("triton", "flex")   # "best peer" for speedups: not flashdec's own torch
 LABELS = {"flashdec": "flashdec", "sdpa-cudnn": "SDPA cuDNN", "sdpa-flash": "SDPA FA2",
-          "flex": "FlexDecoding", "flashdec-torch": "flashdec torch"}
+          "triton": "Triton split-KV", "flex": "FlexDecoding", "flashdec-torch": "flashdec torch"}
 MODES = ("eager", "graph")
+
+# -- targets of the H200 kernel push (targets()); MB = 10^6 bytes like the table's "KV MB" --------
+MB = 1e6
+TARGET_VS_PEER = 1.0                       # best peer's us / flashdec's, every row, both modes
+FLOOR_TARGETS = ((256 * MB, 97.0),         # (KV bytes at least, % of floor at least), graph;
+                 (128 * MB, 90.0),         # ragged rows count their valid bytes; the first
+                 (32 * MB, 85.0))          # matching line applies, none below 32 MB
+SMALL_ROW = ((1, 32, 8, 4096, 128), "bfloat16")  # this row (uniform, 16-bit KV) ...
+SMALL_ROW_US = 9.0                         # ... in at most this many us, graph
+FEW_KV_HEADS = 8                           # batch * kv_heads at most this: a few-KV-heads row
+FEW_KV_MIN_BYTES = 32 * MB                 # ... with at least this much KV is held to
+FEW_KV_FLOOR_PCT = 70.0                    # ... this % of floor and to beating the Triton peer
+FP8_MIN_BYTES = 64 * MB                    # an fp8 KV row with at least this much KV is held to
+FP8_FLOOR_PCT = 90.0                       # ... this % of floor
+HEAD_DIM_TWIN_RATIO = 0.95                 # D != 128: % of floor over the D=128 twin's, at least
+GEOMEAN_VS_SDPA = {"graph": 1.15, "eager": 1.3}  # geomean best SDPA / flashdec, per mode
 
 DTYPE_ALIASES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -227,6 +249,33 @@ _DEFAULT = (
         ((64, 32, 8, 4096, 128), None, None, True),
         ((256, 8, 1, 4096, 128), None, None, True),
         ((8, 32, 8, 16384, 128), None, "float8_e4m3fn", True),
+        # head_dim not a power of two (D = 80 Phi-2, 96 Phi-3-mini, 112, 160, 192; 32/32
+        # MHA), every one at the 110 MB of its D = 128 twin (1,32,32,6720,128): K = 6720*128/D
+        # (6720 = 64 * 105 makes that whole for D = 80..192).
+        ((1, 32, 32, 6720, 128), None, None, False),
+        ((1, 32, 32, 10752, 80), None, None, False),
+        ((1, 32, 32, 8960, 96), None, None, False),
+        ((1, 32, 32, 7680, 112), None, None, False),
+        ((1, 32, 32, 5376, 160), None, None, False),
+        ((1, 32, 32, 4480, 192), None, None, False),
+        ((1, 32, 32, 6720, 128), None, "float8_e4m3fn", False),
+        ((1, 32, 32, 8960, 96), None, "float8_e4m3fn", False),
+        # D = 96 with a batch (no D = 128 twin) and its ragged twin
+        ((8, 32, 32, 2048, 96), None, None, False),
+        ((8, 32, 32, 4096, 96), None, None, True),
+        # GQA groups 5, 7 and 16 (1 is the MHA rows, 4, 8 and 32 above)
+        ((1, 40, 8, 32768, 128), None, None, False),
+        ((1, 28, 4, 32768, 128), None, None, False),
+        ((1, 64, 4, 32768, 128), None, None, False),
+        # few KV heads (batch * kv_heads <= 8): the splits alone must fill the GPU
+        ((1, 8, 1, 65536, 128), None, None, False),
+        ((1, 8, 1, 262144, 128), None, None, False),
+        ((1, 16, 2, 131072, 128), None, None, False),
+        ((2, 32, 4, 65536, 128), None, None, False),
+        ((1, 8, 1, 262144, 128), None, "float8_e4m3fn", False),
+        # large batches, one split each: batch * kv_heads alone fills the GPU
+        ((128, 32, 8, 1024, 128), None, None, False),
+        ((64, 16, 16, 2048, 64), None, None, False),
     ])
 _QUICK = [
     ((1, 32, 8, 4096, 128), None, None, False),
@@ -240,7 +289,7 @@ QUICK_SHAPES = [d for d, *_ in _QUICK]
 
 
 def default_shapes(dtype: str = "bfloat16", quick: bool = False) -> list[Shape]:
-    """The built-in rows (about 30, or 6 with ``quick``); ``dtype`` is Q's dtype for rows that
+    """The built-in rows (49, or 6 with ``quick``); ``dtype`` is Q's dtype for rows that
     do not name one (the fp16 twins keep fp16). Duplicates are dropped."""
     rows, seen = [], set()
     for dims, q_dtype, kv_dtype, ragged in (_QUICK if quick else _DEFAULT):
@@ -512,6 +561,26 @@ def _flex_impl(inp: Inputs) -> Impl:
     return Impl(fn, note=note)
 
 
+def _triton_impl(inp: Inputs) -> Impl:
+    """The Triton split-KV peer (:mod:`flashdec._bench_triton`): its workspace is made here, so
+    each call only launches (and a CUDA graph can capture it). fp8 K/V are widened to Q's dtype
+    inside the kernel. Off CUDA it runs only under Triton's interpreter (tests)."""
+    import os
+
+    try:
+        from . import _bench_triton
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "triton":
+            return Impl(na="triton is not installed")
+        return Impl(na="triton cannot be imported: " + _reason(exc))
+    if not str(inp.device).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        return Impl(na="the Triton peer needs a CUDA device (or TRITON_INTERPRET=1)")
+    scales = {} if inp.k_scale is None else {"k_scale": inp.k_scale, "v_scale": inp.v_scale}
+    dec = _bench_triton.TritonDecode(inp.q[0], inp.k[0], inp.v[0], **scales)
+    q, k, v, out, lens = inp.q, inp.k, inp.v, inp.out, inp.seqlens
+    return Impl(lambda i: dec(q[i], k[i], v[i], lens, out[i]))
+
+
 def build_impl(name: str, inp: Inputs) -> Impl:
     """The implementation ``name`` for these inputs; never raises (failures become ``na``)."""
     try:
@@ -523,6 +592,8 @@ def build_impl(name: str, inp: Inputs) -> Impl:
             return _sdpa_impl(inp, "CUDNN_ATTENTION")
         if name == "sdpa-flash":
             return _sdpa_impl(inp, "FLASH_ATTENTION")
+        if name == "triton":
+            return _triton_impl(inp)
         if name == "flex":
             return _flex_impl(inp)
         return Impl(na=f"unknown implementation {name!r}")
@@ -578,9 +649,10 @@ def row_info(shape: Shape, sets: int, copy_bps: float | None, l2_bytes: int = L2
             "cold_l2": sets * nbytes >= 4 * l2_bytes, "impls": {}}
 
 
-def bench_row(shape: Shape, impls: Iterable[str] = IMPLS, *, copy_bps: float | None = None,
-              iters: int = ITERS, device: str = "cuda", sets: int | None = None,
-              l2_bytes: int = L2_BYTES, timer: Callable[..., list[float]] | None = None) -> dict:
+def bench_row(shape: Shape, impls: Iterable[str] = DEFAULT_IMPLS, *,
+              copy_bps: float | None = None, iters: int = ITERS, device: str = "cuda",
+              sets: int | None = None, l2_bytes: int = L2_BYTES,
+              timer: Callable[..., list[float]] | None = None) -> dict:
     """Measure one row: every implementation in both modes, each in its own try.
 
     Returns the row's record (see :func:`row_info`) with ``impls[name]`` = ``{"eager": cell,
@@ -720,7 +792,7 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
-def run(shapes: Iterable[Shape] | None = None, impls: Iterable[str] = IMPLS, *,
+def run(shapes: Iterable[Shape] | None = None, impls: Iterable[str] = DEFAULT_IMPLS, *,
         iters: int = ITERS, host_calls: int = HOST_CALLS, json_path: str | None = None,
         log: Any = sys.stderr, argv: list[str] | None = None, device: str = "cuda") -> dict:
     """The whole benchmark on the current GPU; returns the results (JSON-ready) and, with
@@ -800,49 +872,73 @@ def _us_of(row: dict, name: str, mode: str) -> float | None:
 
 
 def speedup(row: dict, mode: str, peers: Iterable[str] = RIVALS) -> float | None:
-    """Best peer's time over flashdec's in ``mode`` (peers: SDPA and FlexDecoding, not the
-    torch reference backend); None if either is missing."""
+    """Best peer's time over flashdec's in ``mode`` (> 1: flashdec is faster; peers: SDPA,
+    Triton and FlexDecoding, not the torch reference backend); None if either is missing."""
     mine = _us_of(row, "flashdec", mode)
     theirs = [t for t in (_us_of(row, p, mode) for p in peers) if t]
     return min(theirs) / mine if mine and theirs else None
 
 
+def _geomeans(rows: list[dict], peers: Iterable[str]) -> dict:
+    peers = tuple(peers)
+    out = {}
+    for mode in MODES:
+        ratios = [s for s in (speedup(r, mode, peers) for r in rows) if s]
+        out[mode] = {"geomean": geomean(ratios), "rows": len(ratios),
+                     "min": min(ratios) if ratios else None}
+    return out
+
+
 def summarize(result: dict) -> dict:
-    """Geometric-mean speedups of flashdec (over the best SDPA backend, and over the best of
-    SDPA and FlexDecoding), per mode, and the twin comparisons the issue's targets name."""
+    """Geometric-mean speedups of flashdec (over the best SDPA backend, and over the best peer:
+    SDPA, Triton, FlexDecoding), per mode; the twin comparisons; the targets' outcome
+    (``targets``: checks made and missed; ``misses``: the missed checks of :func:`targets`)."""
     out: dict[str, Any] = {}
     for key, peers in (("vs_best_sdpa", SDPA_IMPLS), ("vs_best_peer", RIVALS)):
-        out[key] = {}
-        for mode in MODES:
-            ratios = [s for s in (speedup(r, mode, peers) for r in result["rows"]) if s]
-            out[key][mode] = {"geomean": geomean(ratios), "rows": len(ratios),
-                              "min": min(ratios) if ratios else None}
+        out[key] = _geomeans(result["rows"], peers)
+    for mode, want in GEOMEAN_VS_SDPA.items():
+        out["vs_best_sdpa"][mode]["target"] = want
     out["twins"] = twins(result)
+    checks = targets(result)
+    misses = [c for c in checks if not c["ok"]]
+    out["targets"] = {"checked": len(checks), "missed": len(misses)}
+    out["misses"] = misses
+    return out
+
+
+def _row_name(dims: tuple, dtype: str, kv_dtype: str, ragged: bool) -> str:
+    return ",".join(map(str, dims)) + " " + Shape.variant_of(dtype, kv_dtype, ragged)
+
+
+def _twin_candidates(s: dict) -> list[tuple[str, str]]:
+    """``(what, twin row name)`` for a row's shape record: its one dtype / ragged twin (fp16
+    vs bf16, fp8 KV vs 16-bit, ragged vs uniform with the same valid KV) and, for D != 128,
+    the D=128 row of the same variant at the same KV bytes (K * D / 128 rows, when whole)."""
+    dims = (s["batch"], s["heads"], s["kv_heads"], s["kv_len"], s["head_dim"])
+    dt, kvdt, ragged = s["dtype"], s["kv_dtype"], s["ragged"]
+    out = []
+    if ragged:
+        out.append(("ragged vs uniform",
+                    _row_name(dims[:3] + (s["kv_len"] // 2, dims[4]), dt, kvdt, False)))
+    elif kvdt != dt:
+        out.append(("fp8 KV vs " + SHORT[dt], _row_name(dims, dt, dt, False)))
+    elif dt == "float16":
+        out.append(("fp16 vs bf16", _row_name(dims, "bfloat16", "bfloat16", False)))
+    if s["head_dim"] != 128 and s["kv_len"] * s["head_dim"] % 128 == 0:
+        out.append((f"D={s['head_dim']} vs D=128",
+                    _row_name(dims[:3] + (s["kv_len"] * s["head_dim"] // 128, 128), dt, kvdt,
+                              ragged)))
     return out
 
 
 def twins(result: dict, impl: str = "flashdec", mode: str = "graph") -> list[dict]:
     """Rows paired with their twin (fp16 vs bf16, fp8 KV vs bf16, ragged vs uniform with the
-    same valid KV, D=64/256 vs D=128 at the same KV bytes): time and %-of-copy ratios."""
+    same valid KV, D != 128 vs D=128 at the same KV bytes and variant): time and %-of-copy
+    ratios. Pairs where either side has no time in ``mode`` are left out."""
     rows = {r["name"]: r for r in result["rows"]}
     pairs = []
     for r in result["rows"]:
-        s = r["shape"]
-        dims = (s["batch"], s["heads"], s["kv_heads"], s["kv_len"], s["head_dim"])
-        cands = []
-        if s["ragged"]:
-            cands.append(("ragged vs uniform", dims[:3] + (s["kv_len"] // 2, dims[4]),
-                          s["dtype"], s["kv_dtype"], False))
-        elif s["kv_dtype"] != s["dtype"]:
-            cands.append(("fp8 KV vs " + SHORT[s["dtype"]], dims, s["dtype"], s["dtype"], False))
-        elif s["dtype"] == "float16":
-            cands.append(("fp16 vs bf16", dims, "bfloat16", "bfloat16", False))
-        elif s["head_dim"] != 128 and s["kv_len"] * s["head_dim"] % 128 == 0:
-            cands.append((f"D={s['head_dim']} vs D=128",
-                          dims[:3] + (s["kv_len"] * s["head_dim"] // 128, 128),
-                          s["dtype"], s["kv_dtype"], False))
-        for what, tdims, dt, kvdt, ragged in cands:
-            tname = ",".join(map(str, tdims)) + " " + Shape.variant_of(dt, kvdt, ragged)
+        for what, tname in _twin_candidates(r["shape"]):
             twin = rows.get(tname)
             a, b = _us_of(r, impl, mode), twin and _us_of(twin, impl, mode)
             if not (twin and a and b):
@@ -853,6 +949,117 @@ def twins(result: dict, impl: str = "flashdec", mode: str = "graph") -> list[dic
                           "mode": mode, "time_ratio": a / b,
                           "pct_copy_ratio": pa / pb if pa and pb else None})
     return pairs
+
+
+def head_dim_orphans(result: dict) -> list[int]:
+    """Row numbers (1-based) of D != 128 rows whose D=128 twin at the same KV bytes is not in
+    the run (so the head-dim target cannot check them)."""
+    names = {r["name"] for r in result["rows"]}
+    out = []
+    for n, r in enumerate(result["rows"], 1):
+        if r["shape"]["head_dim"] == 128:
+            continue
+        cands = [t for what, t in _twin_candidates(r["shape"]) if what.startswith("D=")]
+        if not (cands and cands[0] in names):
+            out.append(n)
+    return out
+
+
+def floor_targets(row: dict) -> list[tuple[str, str, float]]:
+    """``(key, which, % of floor)`` for every floor target a row meets the condition of
+    (graph mode): the KV-size ladder of ``FLOOR_TARGETS`` for 16-bit caches (``floor``; KV
+    bytes are the valid bytes, so ragged rows are measured alike), few KV heads
+    (``few_kv_floor``) and fp8 KV (``fp8_floor``, in place of the ladder). A row can meet
+    several: each is a check of its own."""
+    s, kv = row["shape"], row["kv_bytes"]
+    fp8 = s["kv_dtype"] != s["dtype"]
+    out = []
+    for at_least, pct in () if fp8 else FLOOR_TARGETS:  # the ladder is for 16-bit caches
+        if kv >= at_least:
+            out.append(("floor", f"KV >= {at_least / MB:.0f} MB", pct))
+            break
+    if s["batch"] * s["kv_heads"] <= FEW_KV_HEADS and kv >= FEW_KV_MIN_BYTES:
+        out.append(("few_kv_floor", f"few KV heads, KV >= {FEW_KV_MIN_BYTES / MB:.0f} MB",
+                    FEW_KV_FLOOR_PCT))
+    if fp8 and kv >= FP8_MIN_BYTES:
+        out.append(("fp8_floor", f"fp8 KV, KV >= {FP8_MIN_BYTES / MB:.0f} MB", FP8_FLOOR_PCT))
+    return out
+
+
+def _check(n: int | None, row: str, key: str, target: str, measured: float | None,
+           shown: str, ok: bool) -> dict:
+    return {"n": n, "row": row, "key": key, "target": target, "measured": measured,
+            "shown": shown, "ok": bool(ok)}
+
+
+def targets(result: dict) -> list[dict]:
+    """Check every row against the targets of the H200 kernel push (graph mode unless noted).
+
+    Each target is a check of its own, made on every row that meets its condition. Per row
+    with flashdec in it: flashdec ran (``flashdec_runs``, both modes); best peer's time /
+    flashdec's >= ``TARGET_VS_PEER`` (``vs_best_peer``, both modes); the % of floor of
+    :func:`floor_targets` (``floor``, ``few_kv_floor``, ``fp8_floor``); the row ``SMALL_ROW``
+    within ``SMALL_ROW_US`` (``small_row_us``); a few-KV-heads row faster than the Triton peer
+    (``vs_triton``); a D != 128 row's % of floor over its D=128 twin's >=
+    ``HEAD_DIM_TWIN_RATIO`` (``head_dim_twin``). Over all rows: the geometric-mean speedup
+    over the best SDPA backend per mode >= ``GEOMEAN_VS_SDPA`` (``geomean_vs_sdpa``, ``n``
+    None). A check whose numbers are missing (a peer n/a, no copy bandwidth) is not made.
+
+    Returns
+    -------
+    list of dict
+        One per check made, in row order: ``n`` (1-based row), ``row`` (name), ``key``,
+        ``target`` (text), ``measured`` (number or None), ``shown`` (text), ``ok``.
+    """
+    checks: list[dict] = []
+    head_twins = {t["row"]: t for t in twins(result) if t["what"].startswith("D=")}
+    for n, row in enumerate(result["rows"], 1):
+        if "flashdec" not in row["impls"]:
+            continue
+        name, s = row["name"], row["shape"]
+        for mode in MODES:
+            cell = row["impls"]["flashdec"].get(mode) or {}
+            if cell.get("us") is None:
+                checks.append(_check(n, name, "flashdec_runs", f"flashdec runs, {mode}", None,
+                                     f"n/a ({cell.get('na') or 'not measured'})", False))
+                continue
+            ratio = speedup(row, mode)
+            if ratio is not None:
+                checks.append(_check(n, name, "vs_best_peer",
+                                     f"best peer / flashdec, {mode} >= {TARGET_VS_PEER:.2f}x",
+                                     ratio, f"{ratio:.2f}x", ratio >= TARGET_VS_PEER))
+        graph = row["impls"]["flashdec"].get("graph") or {}
+        us, pct = graph.get("us"), graph.get("pct_copy")
+        if us is None:
+            continue
+        for key, which, want in floor_targets(row) if pct is not None else ():
+            checks.append(_check(n, name, key, f"% of floor ({which}) >= {want:g}%", pct,
+                                 f"{pct:.1f}%", pct >= want))
+        dims = (s["batch"], s["heads"], s["kv_heads"], s["kv_len"], s["head_dim"])
+        if (dims, s["dtype"]) == SMALL_ROW and s["kv_dtype"] == s["dtype"] and not s["ragged"]:
+            checks.append(_check(n, name, "small_row_us", f"graph us <= {SMALL_ROW_US:g}", us,
+                                 f"{us:.1f} us", us <= SMALL_ROW_US))
+        if s["batch"] * s["kv_heads"] <= FEW_KV_HEADS and row["kv_bytes"] >= FEW_KV_MIN_BYTES:
+            ratio = speedup(row, "graph", ("triton",))
+            if ratio is not None:
+                checks.append(_check(n, name, "vs_triton",
+                                     f"few KV heads: Triton / flashdec >= {TARGET_VS_PEER:.2f}x",
+                                     ratio, f"{ratio:.2f}x", ratio >= TARGET_VS_PEER))
+        twin = head_twins.get(name)
+        if twin and twin["pct_copy_ratio"] is not None:
+            r = twin["pct_copy_ratio"]
+            checks.append(_check(n, name, "head_dim_twin",
+                                 f"% of floor / D=128 twin's ({twin['twin']}) >= "
+                                 f"{HEAD_DIM_TWIN_RATIO:.2f}", r, f"{r:.3f}",
+                                 r >= HEAD_DIM_TWIN_RATIO))
+    sdpa = _geomeans(result["rows"], SDPA_IMPLS)
+    for mode, want in GEOMEAN_VS_SDPA.items():
+        g = sdpa[mode]["geomean"]
+        if g is not None:
+            checks.append(_check(None, "all rows", "geomean_vs_sdpa",
+                                 f"geomean best SDPA / flashdec, {mode} >= {want:.2f}x", g,
+                                 f"{g:.2f}x over {sdpa[mode]['rows']} rows", g >= want))
+    return checks
 
 
 def _us(cell: dict | None) -> str:
@@ -879,8 +1086,9 @@ def _host_text(host: dict | None) -> str:
 
 def format_table(result: dict) -> str:
     """The stdout report: a Markdown table (one line per row, ``eager / graph`` us per
-    implementation, flashdec's graph TB/s and % of copy, speedup over the best peer), the n/a
-    reasons, host overhead, twin ratios and the geometric-mean speedups."""
+    implementation, flashdec's graph TB/s and % of copy (= % of the floor), best peer's time
+    over flashdec's per mode), the n/a reasons, host overhead, twin ratios, the
+    geometric-mean speedups and, last, the checks of :func:`targets` that missed."""
     env = result.get("environment", {})
     copy_tbps = result["copy"]["tbps"]
     impls = result.get("config", {}).get("impls") or list(IMPLS)
@@ -889,9 +1097,10 @@ def format_table(result: dict) -> str:
              f"torch {env.get('torch', '?')}, NVRTC {env.get('nvrtc', '?')}; copy bandwidth "
              f"{copy_tbps:.2f} TB/s (read + write)",
              f"# us per call, eager / graph (median of {iters}, cold L2); TB/s and % copy: "
-             "flashdec, graph; ragged: K = capacity, lengths 0..K (mean K/2)", ""]
+             "flashdec, graph (% copy = % of the floor: floor us / us); ragged: K = capacity, "
+             "lengths 0..K (mean K/2); best peer / flashdec > 1: flashdec faster", ""]
     head = ["#", "B,H_q,H_kv,K,D", "dtype", "KV MB", "floor us"] + [LABELS.get(i, i) for i in impls]
-    head += ["TB/s", "% copy", "vs best SDPA/Flex (graph / eager)"]
+    head += ["TB/s", "% copy", "best peer / flashdec (graph / eager)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     na: dict[tuple[str, str], list[int]] = {}
     for n, row in enumerate(result["rows"], 1):
@@ -939,13 +1148,26 @@ def format_table(result: dict) -> str:
         for t in summary["twins"]:
             lines.append(f"  {t['what']}: {t['row']} / {t['twin']}: {t['time_ratio']:.3f}x time, "
                          f"{_x(t['pct_copy_ratio'])} % copy")
+    orphans = head_dim_orphans(result)
+    if orphans:
+        lines += ["", f"No D=128 twin at the same KV bytes in this run: {_rows(orphans)}"]
     lines.append("")
     for key, label in (("vs_best_sdpa", "the best SDPA backend"),
-                       ("vs_best_peer", "the best of SDPA and FlexDecoding")):
+                       ("vs_best_peer", "the best peer (SDPA, Triton, FlexDecoding)")):
         g, e = summary[key]["graph"], summary[key]["eager"]
+        want = (f"; targets graph >= {GEOMEAN_VS_SDPA['graph']:.2f}x, eager >= "
+                f"{GEOMEAN_VS_SDPA['eager']:.2f}x" if key == "vs_best_sdpa" else "")
         lines.append(f"Geometric-mean speedup of flashdec over {label}: graph {_x(g['geomean'])} "
                      f"({g['rows']} rows, min {_x(g['min'])}), eager {_x(e['geomean'])} "
-                     f"({e['rows']} rows, min {_x(e['min'])})")
+                     f"({e['rows']} rows, min {_x(e['min'])}){want}")
+    # Recomputed (not read from the summary) so an older JSON gets the current targets.
+    checks = targets(result)
+    misses = [c for c in checks if not c["ok"]]
+    lines += ["", f"Rows that miss a target: {len(misses)} of {len(checks)} checks"
+              + ("" if misses else ", none missed")]
+    for c in misses:
+        where = "all rows" if c["n"] is None else f"row {c['n']} ({c['row']})"
+        lines.append(f"  {where}: {c['target']}: measured {c['shown']}")
     return "\n".join(lines)
 
 
@@ -992,7 +1214,7 @@ def plot(result: dict, path: str, mode: str = "graph") -> None:
     fig = Figure(figsize=(10, 5.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    markers = dict(zip(IMPLS, "o^sDv"))
+    markers = dict(zip(IMPLS, "o^sPDv"))
     plotted = False
     for name in impls:
         points = []
@@ -1034,16 +1256,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m flashdec bench",
-        description="flashdec vs torch SDPA (cuDNN, FA2), FlexDecoding and flashdec's torch "
-                    "backend on this GPU: eager and CUDA-graph replay, cold L2.")
-    parser.add_argument("--quick", action="store_true", help="6 rows instead of ~30")
+        description="flashdec vs torch SDPA (cuDNN, FA2), a Triton split-KV decode, "
+                    "flashdec's torch backend (and FlexDecoding on request) on this GPU: eager "
+                    "and CUDA-graph replay, cold L2; then the rows that miss a target.")
+    parser.add_argument("--quick", action="store_true", help="6 rows instead of ~50")
     parser.add_argument("--shapes", help='your own rows: "B,Hq,Hkv,K,D[,dtype[,kv_dtype]]'
                                          '[,ragged][;...]", e.g. "1,32,8,32768,128,bf16,fp8"')
     parser.add_argument("--dtype", default="bfloat16",
                         help="Q/Y dtype of rows that name none (default bfloat16)")
-    parser.add_argument("--peers", default=",".join(PEERS),
-                        help=f"comma list of peers to run next to flashdec (default "
-                             f"{','.join(PEERS)}; 'none' for flashdec alone)")
+    parser.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                        help=f"comma list of peers to run next to flashdec, from "
+                             f"{','.join(PEERS)} (default {','.join(DEFAULT_PEERS)}; 'none' "
+                             "for flashdec alone)")
     parser.add_argument("--iters", type=int, default=ITERS, help="timed samples per "
                         f"measurement (default {ITERS}; DESIGN.md asks >= 50)")
     parser.add_argument("--host-calls", type=int, default=HOST_CALLS,
