@@ -9,6 +9,8 @@ plan as shipped):
     qvec=0|1       Q tile by plain loads (0) or as the first cp.async group (1)
     ctas=N,stages=N  the MMA kernel sized for N CTAs/SM with N ring stages
     simt=1         the 16-byte SIMT kernel instead of the MMA kernel
+    base=1         the kernel compiled from the decode.cu at $AB_BASE_SOURCE (an older version
+                   with the same parameter struct) instead of the tree's
 e.g. ``auto splits=16 splits=16+combine=1 ctas=3+stages=2``. Prints graph-replay us per
 variant and round (cold L2, median of 50), then the min of the two rounds.
 """
@@ -16,6 +18,7 @@ variant and round (cold L2, median of 50), then the min of the two rounds.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import sys
 
@@ -65,6 +68,15 @@ def build(case: tuple, sets: list, settings: dict):
                 _kernels.THREADS, dependent=True)
     if "qvec" in settings:
         launch.params.q_vector = settings["qvec"]
+    if settings.get("base"):
+        from flashdec.backends.cuda._compiler import compile_cubin
+
+        name = launch.spec.name_expression
+        with open(os.environ["AB_BASE_SOURCE"]) as f:
+            module = compile_cubin(f.read(), [name], runner.device.arch, source_name="base.cu")
+        fn = _driver.load_function(runner.device, module.cubin, module.symbols[name], name,
+                                   launch.spec.smem_bytes)
+        launch.kernel = _driver.LaunchEx(runner.device, fn, launch.kernel.grid, _kernels.THREADS)
     qs, ks, vs, outs = sets
     label = (f"{type(launch.spec).__name__[:4]} ctas={launch.spec.ctas_per_sm} "
              f"splits={launch.split.num_splits} combine={int(launch.split.combine)} "

@@ -742,6 +742,10 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         for (int kk = 0; kk < KSTEPS; ++kk) q_frag(kk, qa[kk]);
     }
 
+    // A tile of at most 8 heads (MHA, GQA up to group 8) leaves the fragments' upper rows
+    // (heads g + 8) empty: their softmax is skipped, which is most of the per-row work where
+    // the loop is issue-bound (MHA, fp8; bench/NOTES.md v4). Uniform in the CTA.
+    const bool upper_heads = p.group_size - tile * kMmaHeads > 8;
     for (int i = 0; i < my_blocks; ++i) {
         cp_async_wait<STAGES - 2>();
         __syncwarp();
@@ -827,6 +831,10 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         unsigned pa[4];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
+            if (hh == 1 && !upper_heads) {  // heads g + 8 are past the group: their P is zero
+                pa[1] = pa[3] = 0u;         // and their state is never read
+                continue;
+            }
             float mx = nan_max(nan_max(x[hh][0], x[hh][1]), nan_max(x[hh][2], x[hh][3]));
             mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
