@@ -405,6 +405,86 @@ CASES = [
     Case("out-overlaps-seqlens", _out_overlaps_seqlens, C, r"\bout overlaps seqlens in memory"),
     Case("out-overlaps-k-scale", lambda m: (lambda out: dict(out=out, k_scale=out.view(-1)[:HKV]))(
         m.t(*Q_SHAPE)), C, r"\bout overlaps k_scale in memory"),
+    # -- torch tensors whose memory flashdec cannot read as their values (issue 11 s3) --------
+    Case("q-sparse", lambda m: dict(q=m.t(*Q_SHAPE).to_sparse()), C,
+         r"\bq is a torch.sparse_coo tensor; flashdec reads dense strided memory"),
+    Case("k-sparse", lambda m: dict(k=m.t(*KV_SHAPE).to_sparse()), C,
+         r"\bk is a torch.sparse_coo tensor"),
+    Case("q-neg-view", lambda m: dict(q=torch._neg_view(m.t(*Q_SHAPE))), C,
+         r"\bq is a torch view with the negative bit set.*pass q.resolve_neg\(\)"),
+    Case("k-conj-imag", lambda m: dict(k=m.t(*KV_SHAPE, dtype=torch.complex64).conj().imag), C,
+         r"\bk is a torch view with the negative bit set"),
+    Case("v-conj", lambda m: dict(v=m.t(*KV_SHAPE, dtype=torch.complex64).conj()), C,
+         r"\bv is a torch view with the conjugate bit set.*pass v.resolve_conj\(\)"),
+    Case("out-neg-view", lambda m: dict(out=torch._neg_view(m.t(*Q_SHAPE))), C,
+         r"\bout is a torch view with the negative bit set"),
+    Case("k-scale-neg-view", lambda m: dict(k_scale=torch._neg_view(m.t(HKV).abs() + 1)), C,
+         r"\bk_scale is a torch view with the negative bit set"),
+    Case("lse-neg-view", lambda m: dict(lse_out=torch._neg_view(m.t(B, HQ))), C,
+         r"\blse_out is a torch view with the negative bit set"),
+    Case("q-meta", lambda m: dict(q=torch.empty(Q_SHAPE, device="meta")), C,
+         r"\bq is on meta; flashdec reads CPU and CUDA memory"),
+    # -- autograd: flashdec has no backward, on any backend ---------------------------------
+    Case("q-requires-grad", lambda m: dict(q=m.t(*Q_SHAPE).requires_grad_()), C,
+         r"\bq requires grad; flashdec computes no gradients.*pass q.detach\(\)"),
+    Case("v-requires-grad-non-leaf", lambda m: dict(v=m.t(*KV_SHAPE).requires_grad_() * 2), C,
+         r"\bv requires grad"),
+    Case("out-requires-grad", lambda m: dict(out=m.t(*Q_SHAPE).requires_grad_()), C,
+         r"\bout requires grad"),
+    Case("lse-requires-grad", lambda m: dict(lse_out=m.t(B, HQ).requires_grad_()), C,
+         r"\blse_out requires grad"),
+    Case("v-scale-requires-grad", lambda m: dict(v_scale=(m.t(HKV).abs() + 1).requires_grad_()),
+         C, r"\bv_scale requires grad"),
+    # -- scale tensors in host memory hold finite values > 0, as float scales must ----------
+    Case("k-scale-tensor-negative", lambda m: dict(k_scale=torch.tensor([0.5, -1.0])), C,
+         r"\bk_scale\[1\] is -1.0; every scale must be finite and > 0"),
+    Case("v-scale-tensor-nan", lambda m: dict(v_scale=torch.tensor([float("nan"), 1.0])), C,
+         r"\bv_scale\[0\] is nan; every scale must be finite and > 0"),
+    Case("v-scale-tensor-zero", lambda m: dict(v_scale=torch.tensor([1.0, 0.0])), C,
+         r"\bv_scale\[1\] is 0.0"),
+    Case("k-scale-numpy-inf", lambda m: _np_base(m, k_scale=np.array([np.inf, 1], np.float32)),
+         C, r"\bk_scale\[0\] is inf"),
+    # -- real parameters must stay finite in float32, where the kernels compute -------------
+    Case("scale-beyond-float32", lambda m: dict(scale=1e39), C,
+         r"\bscale must be at most 2\*\*126 .* in magnitude \(the kernels compute in float32\), "
+         r"got 1e\+39"),
+    Case("scale-negative-beyond-float32", lambda m: dict(scale=-1e38), C,
+         r"\bscale must be at most 2\*\*126"),
+    Case("softcap-beyond-float32", lambda m: dict(softcap=3.5e38), C,
+         r"\bsoftcap must be at most 2\*\*126"),
+    Case("k-scale-beyond-float32", lambda m: dict(k_scale=1e300), C,
+         r"\bk_scale must be at most 2\*\*126"),
+    Case("v-scale-float32-denormal", lambda m: dict(v_scale=1e-40), C,
+         r"\bv_scale must be at least 2\*\*-126 .*smallest normal float32.*got 1e-40"),
+    Case("softcap-rounds-to-zero", lambda m: dict(softcap=1e-50), C,
+         r"\bsoftcap must be at least 2\*\*-126"),
+    Case("scale-over-softcap-beyond-float32", lambda m: dict(scale=1e30, softcap=1e-10), C,
+         r"\bscale / softcap must be at most 2\*\*126 .*got 1e\+40"),
+    # -- backend choice and options: the same typed error whichever backend runs ------------
+    Case("backend-bogus", lambda m: {}, C,
+         r"\bbackend='bogus' is not a flashdec backend; valid choices: auto, cuda, torch",
+         extra=dict(backend="bogus")),
+    Case("backend-int", lambda m: {}, C,
+         r"\bbackend must be a backend name \(auto, cuda, torch\) or None, got int 3",
+         extra=dict(backend=3)),
+    Case("option-typo", lambda m: {}, C,
+         r"\bunknown backend option num_split=4 \(did you mean num_splits\?\); valid "
+         r"options: num_splits", extra=dict(num_split=4)),
+    Case("option-unknown", lambda m: {}, C, r"\bunknown backend option block=64; valid",
+         extra=dict(block=64)),
+    Case("num-splits-zero", lambda m: {}, C,
+         r"\bnum_splits must be an int in \[1, 512\] or None, got int 0",
+         extra=dict(num_splits=0)),
+    Case("num-splits-too-many", lambda m: {}, C, r"\bnum_splits must be an int in \[1, 512\]",
+         extra=dict(num_splits=513)),
+    Case("num-splits-float", lambda m: {}, C, r"\bnum_splits must be .*got float 2.0",
+         extra=dict(num_splits=2.0)),
+    Case("num-splits-bool", lambda m: {}, C, r"\bnum_splits must be .*got bool True",
+         extra=dict(num_splits=True)),
+    Case("num-splits-str", lambda m: {}, C, r"\bnum_splits must be .*got str '4'",
+         extra=dict(num_splits="4")),
+    Case("num-splits-zero-on-cuda", lambda m: {}, C, r"\bnum_splits must be an int in",
+         extra=dict(num_splits=0, backend="cuda")),  # the option is checked first, anywhere
 ]
 
 assert len({c.id for c in CASES}) == len(CASES)
@@ -474,6 +554,11 @@ NO_WORK = [
     ("lse-stride-0", dict(lse_out=lambda m: m.t(1, HQ).expand(B, HQ)), {}),
     ("backend-unknown", {}, dict(backend="nope")),
     ("backend-cuda-on-cpu", {}, dict(backend="cuda")),
+    # Y used to be written before the LSE copy into a tensor that requires grad raised
+    ("lse-requires-grad", dict(lse_out=lambda m: m.t(B, HQ).requires_grad_()), {}),
+    ("out-requires-grad", dict(out=lambda m: m.t(*Q_SHAPE).requires_grad_()), {}),
+    ("option-typo", {}, dict(num_split=4)),
+    ("k-scale-tensor-negative", {}, dict(k_scale=torch.tensor([1.0, -1.0]))),
 ]
 
 
@@ -483,12 +568,13 @@ def test_no_work_after_failed_validation(overrides, kwargs) -> None:
     args = m.torch_args()
     for name, make in overrides.items():
         args[name] = make(m)
-    poison = {n: args[n].clone() for n in ("out", "lse_out") if n in args}
-    with pytest.raises((ContractError, ValueError, UnsupportedError, BackendUnavailableError)):
+    poison = {n: args[n].detach().clone() for n in ("out", "lse_out") if n in args}
+    with pytest.raises(flashdec.FlashDecError):  # a flashdec error, whatever went wrong
         flashdec.decode(args["q"], args["k"], args["v"], args["out"],
                         lse_out=args.get("lse_out"), **kwargs)
     for name, before in poison.items():
-        assert torch.equal(args[name], before), f"{name} was written although decode raised"
+        assert torch.equal(args[name].detach(), before), \
+            f"{name} was written although decode raised"
 
 
 def test_no_work_after_failed_plan_run() -> None:
@@ -675,6 +761,8 @@ def _run_tensors(m: Maker, name: str, args: dict[str, Any]) -> dict[str, Any]:
         "seqlens-host-above-capacity": lambda: [1, KLEN + 3],
         "k_scale": lambda: m.t(HKV).abs() + 0.5,
         "v_scale": lambda: m.t(HKV).abs() + 0.5,
+        "k_scale-negative": lambda: torch.tensor([1.0, -0.5]),
+        "v_scale-nan": lambda: torch.tensor([1.0, float("nan")]),
         "k_scale-float": lambda: 0.5,
         "v_scale-float": lambda: 2.0,
         "lse_out": lambda: m.t(B, HQ),
@@ -702,6 +790,9 @@ PLAN_RUN_FEATURES = [
      r"plan is made\), got float 0.5"),
     ("v-scale-float-for-tensor-plan", "v_scale", "v_scale-float",
      r"\bv_scale must be a per-run tensor or None in run"),
+    ("k-scale-negative-in-run", "k_scale", "k_scale-negative",
+     r"\bk_scale\[1\] is -0.5; every scale must be finite and > 0"),
+    ("v-scale-nan-in-run", "v_scale", "v_scale-nan", r"\bv_scale\[1\] is nan"),
     ("lse-not-planned", "", "lse_out", r"\blse_out was not planned.*return_lse=True or lse_out="),
     ("lse-other-layout", "lse_out", "lse_out-transposed", r"\blse_out does not match the plan"),
     ("lse-overlaps-out", "lse_out", "lse_out-inside-out", r"\blse_out overlaps out in memory"),
@@ -828,20 +919,47 @@ MERGE_CASES = [
     ("lse-out-inside-out", _merge_lse_inside_out, r"\blse_out overlaps out in memory"),
     ("lse-out-is-a-lse", lambda m: (lambda lses: _merge_base(m, lses=lses, lse_out=lses[2]))(
         m.t(N, B, HQ)), r"\blse_out overlaps lses\[2\] in memory"),
+    ("lse-plus-inf", lambda m: _merge_base(m, lses=_with(m.t(N, B, HQ), (1, 0, 2), float("inf"))),
+     r"\blses\[1\]\[0, 2\] is \+inf; an LSE is finite, -inf \(no keys\) or NaN"),
+    ("lse-plus-inf-part", lambda m: _merge_base(
+        m, outputs=[m.t(B, HQ, D)] * 2, lses=[m.t(B, HQ), _with(m.t(B, HQ), (1, 3), float("inf"))]),
+     r"\blses\[1\]\[1, 3\] is \+inf"),
+    ("lse-plus-inf-numpy", lambda m: _merge_base(
+        m, outputs=m.n(N, B, HQ, D), lses=_with(m.n(N, B, HQ), (2, 1, 0), np.inf)),
+     r"\blses\[2\]\[1, 0\] is \+inf"),
+    ("outputs-neg-view", lambda m: _merge_base(m, outputs=torch._neg_view(m.t(N, B, HQ, D))),
+     r"\boutputs is a torch view with the negative bit set"),
+    ("lses-requires-grad", lambda m: _merge_base(m, lses=m.t(N, B, HQ).requires_grad_()),
+     r"\blses requires grad"),
+    ("out-requires-grad", lambda m: _merge_base(m, out=m.t(*Q_SHAPE).requires_grad_()),
+     r"\bout requires grad"),
+    ("lse-out-requires-grad", lambda m: _merge_base(m, lse_out=m.t(B, HQ).requires_grad_()),
+     r"\blse_out requires grad"),
+    ("outputs-part-sparse", lambda m: _merge_base(
+        m, outputs=[m.t(B, HQ, D), m.t(B, HQ, D).to_sparse()], lses=[m.t(B, HQ)] * 2),
+     r"\boutputs\[1\] is a torch.sparse_coo tensor"),
 ]
+
+
+def _with(x: Any, index: tuple[int, ...], value: float) -> Any:
+    """``x`` with one element set to ``value``."""
+    x[index] = value
+    return x
 
 
 @pytest.mark.parametrize("make, match", [pytest.param(mk, mt, id=i) for i, mk, mt in MERGE_CASES])
 def test_merge_rejects(make, match) -> None:
     args = make(Maker(16))
-    written = [x.clone() for x in (args["out"], args["lse_out"]) if isinstance(x, torch.Tensor)]
+    written = [x.detach().clone() for x in (args["out"], args["lse_out"])
+               if isinstance(x, torch.Tensor)]
     with pytest.raises(ContractError, match=match) as info:
         flashdec.merge_states(args["outputs"], args["lses"], out=args["out"],
                               lse_out=args["lse_out"])
     assert type(info.value) is ContractError
     for before, x in zip(written, (x for x in (args["out"], args["lse_out"])
                                    if isinstance(x, torch.Tensor))):
-        assert torch.equal(before, x), "an output was written although merge_states raised"
+        assert torch.equal(before, x.detach()), \
+            "an output was written although merge_states raised"
 
 
 def test_merge_table_is_valid_without_the_fault() -> None:
@@ -850,3 +968,73 @@ def test_merge_table_is_valid_without_the_fault() -> None:
     ref, ref_lse = merge_reference(args["outputs"].numpy(), args["lses"].numpy())
     assert relative_error(out.numpy(), ref) < TOLERANCE["float32"]
     assert lse_error(lse.numpy(), ref_lse) < LSE_TOLERANCE["float32"]
+
+
+# -- issue 11 section 3: valid arguments that used to escape as other errors ----------------------
+@pytest.mark.parametrize("window", [KLEN, KLEN + 1, 2**63 - 1, 2**64, 10**30, np.uint64(2**64 - 1)])
+@pytest.mark.parametrize("lengths", [None, [KLEN, 2]], ids=["full", "host-seqlens"])
+def test_window_wider_than_the_cache_attends_to_every_key(window, lengths) -> None:
+    """window_left >= K_len is valid (every key is in the window): it used to overflow the
+    torch backend's int64 arithmetic. The plan records it as K_len."""
+    m = Maker(20)
+    q, k, v = m.t(*Q_SHAPE), m.t(*KV_SHAPE), m.t(*KV_SHAPE)
+    y, lse = flashdec.decode(q, k, v, window_left=window, seqlens=lengths, return_lse=True)
+    ref, ref_lse = decode_reference(q.numpy(), k.numpy(), v.numpy(), seqlens=lengths,
+                                    return_lse=True)
+    assert relative_error(y.numpy(), ref) < TOLERANCE["float32"]
+    assert lse_error(lse.numpy(), ref_lse) < LSE_TOLERANCE["float32"]
+    assert flashdec.plan(q, k, v, window_left=window).problem.window_left == KLEN
+
+
+def test_sparse_q_after_a_cached_decode_is_a_contract_error() -> None:
+    """decode's plan cache reads strides for its key: a sparse tensor has none."""
+    m = Maker(21)
+    args = m.torch_args()
+    flashdec.decode(args["q"], args["k"], args["v"], args["out"])  # cached
+    with pytest.raises(ContractError, match=r"\bq is a torch.sparse_coo tensor"):
+        flashdec.decode(args["q"].to_sparse(), args["k"], args["v"], args["out"])
+    with pytest.raises(ContractError, match=r"\bq requires grad"):
+        flashdec.decode(args["q"].clone().requires_grad_(), args["k"], args["v"], args["out"])
+    with pytest.raises(ContractError, match=r"\bk is a torch view with the negative bit"):
+        flashdec.decode(args["q"], torch._neg_view(args["k"]), args["v"], args["out"])
+
+
+def test_fast_path_leaves_grad_and_negative_views_to_the_general_path() -> None:
+    """The CUDA torch fast path reads data_ptr itself: a tensor that requires grad, or whose
+    memory holds minus its values, must not get through it (the general path refuses it by
+    name). Checked on CPU tensors through the path decode's cache takes (layouts known)."""
+    from flashdec._api import _TorchFastPath
+
+    m = Maker(22)
+    args = m.torch_args()
+    p = flashdec.plan(args["q"], args["k"], args["v"], args["out"])
+    fast = _TorchFastPath(torch, p.problem, p._layouts)
+    given = [args[n] for n in ("q", "k", "v", "out")] + [None] * 4
+    assert fast.pointers(tuple(given), layouts_known=True) == tuple(
+        None if x is None else x.data_ptr() for x in given)
+    for i in range(4):
+        for bad in (torch._neg_view(given[i]), given[i].detach().clone().requires_grad_()):
+            changed = list(given)
+            changed[i] = bad
+            assert fast.pointers(tuple(changed), layouts_known=True) is None
+
+
+def test_max_splits_is_the_cuda_backends() -> None:
+    """The frontend checks num_splits against its own MAX_SPLITS (no cuda import needed);
+    it must be the number the cuda combine kernel merges."""
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
+    from flashdec._contract import MAX_SPLITS
+    from flashdec.backends.cuda import _kernels
+
+    assert MAX_SPLITS == _kernels.MAX_SPLITS == 512
+
+
+def test_num_splits_in_range_is_accepted_by_the_torch_backend() -> None:
+    m = Maker(23)
+    q, k, v = m.t(*Q_SHAPE), m.t(*KV_SHAPE), m.t(*KV_SHAPE)
+    ref = decode_reference(q.numpy(), k.numpy(), v.numpy())
+    for splits in (1, 7, 512, np.int64(3), None):
+        y = flashdec.decode(q, k, v, num_splits=splits, backend="torch")
+        assert relative_error(y.numpy(), ref) < TOLERANCE["float32"]
+    assert flashdec.BackendOptions.parse({"num_splits": np.int64(3)}) == \
+        flashdec.BackendOptions(num_splits=3)

@@ -151,3 +151,112 @@ def test_bench_help(capsys) -> None:
     text = capsys.readouterr().out
     for flag in ("--quick", "--shapes", "--dtype", "--peers", "--json", "--png", "--plot"):
         assert flag in text
+
+
+# -- issue 11 section 5 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("iters", ["0", "-1", "abc", "2.5"])
+def test_demo_iters_must_be_positive(clean_env, capsys, iters) -> None:
+    """--iters 0 divided by zero; --iters -1 printed a negative time."""
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--iters", iters])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert "argument --iters: expected an int >= 1, got" in captured.err
+    assert "time:" not in captured.out
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flashdec {flashdec.__version__}"
+
+
+def test_help_names_the_command_it_was_run_as(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])  # the console script
+    text = capsys.readouterr().out
+    assert text.startswith("usage: flashdec ") and "python -m" not in text
+    assert "`" not in text
+    for command in ("info", "demo", "precompile", "bench"):
+        assert command in text
+    proc = _run_module("--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m flashdec ")
+    assert "`" not in proc.stdout
+
+
+def test_info_reports_an_invalid_backend_choice(clean_env, capsys) -> None:
+    clean_env.setenv("FLASHDEC_BACKEND", "nope")
+    assert main(["info"]) == 2
+    captured = capsys.readouterr()
+    assert "backend choice: invalid" in captured.out
+    assert re.search(r"^\s+torch\s+available", captured.out, re.M)  # the rest still printed
+    assert ("error: FLASHDEC_BACKEND='nope' is not a flashdec backend; valid choices: auto, "
+            "cuda, torch") in captured.err
+
+
+def test_bench_plot_to_an_unwritable_png_fails_cleanly(tmp_path) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install matplotlib)")
+    results = Path(__file__).resolve().parents[1] / "bench" / "results" / "h100-2026-11-27.json"
+    png = tmp_path / "missing-dir" / "r.png"
+    proc = _run_module("bench", "--plot", str(results), "--png", str(png),
+                       env_extra={"FLASHDEC_CACHE_DIR": str(tmp_path / "c")})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "error:" in proc.stderr and "missing-dir" in proc.stderr
+
+
+# -- precompile -----------------------------------------------------------------------------------
+def _needs_nvrtc() -> None:
+    pytest.importorskip("cuda.core", reason="cuda-python is not installed (pip install 'flashdec[cuda]')")
+
+
+def test_precompile_command(clean_env, capsys, tmp_path) -> None:
+    _needs_nvrtc()
+    args = ["precompile", "--dtypes", "bfloat16", "--head-dims", "64", "--group-sizes", "4",
+            "--arch", "sm_90"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    kernels = tmp_path / "fd-cache" / "kernels"
+    assert captured.out.strip() == f"4 kernels in {kernels}"
+    progress = captured.err.splitlines()
+    assert [line.split("]")[0] for line in progress] == [f"flashdec precompile: [{i}/4"
+                                                         for i in range(1, 5)]
+    assert len(list(kernels.glob("*.cubin"))) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtypes", "float64"], "error: dtypes: 'float64' is not one of float16, bfloat16, float32"),
+    (["--group-sizes", "0"], "error: group_sizes: each must be an int >= 1, got int 0"),
+    (["--arch", "sm_900"], "error: arch 'sm_900' is not one flashdec compiles for"),
+    (["--dtypes", "float32", "--kv-dtypes", "float8_e4m3fn"],
+     "error: kv_dtypes: float8_e4m3fn pairs with none of dtypes (float32)"),
+])
+def test_precompile_command_refuses_bad_arguments(clean_env, capsys, args, message) -> None:
+    _needs_nvrtc()
+    assert main(["precompile", "--arch", "sm_90", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_precompile_command_head_dims_are_ints(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["precompile", "--head-dims", "64.0"])
+    assert info.value.code == 2
+    assert "argument --head-dims: invalid int value: '64.0'" in capsys.readouterr().err
+
+
+def test_precompile_command_fails_when_the_cache_cannot_be_written(tmp_path) -> None:
+    _needs_nvrtc()
+    (tmp_path / "file").write_text("not a directory")
+    proc = _run_module("precompile", "--dtypes", "bfloat16", "--head-dims", "64", "--arch", "sm_90",
+                       env_extra={"FLASHDEC_CACHE_DIR": str(tmp_path / "file" / "sub")})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "error: precompile cannot write the kernel cache in" in proc.stderr
+    assert "flashdec precompile: [" not in proc.stderr  # nothing compiled
+
+
+def test_precompile_command_without_the_cuda_backend(clean_env, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "flashdec.backends.cuda", None)  # import fails
+    assert main(["precompile", "--arch", "sm_90"]) == 2
+    assert "error: precompile needs the cuda backend" in capsys.readouterr().err

@@ -3,6 +3,7 @@ available_backends(), register_backend(), and the FLASHDEC_CACHE_DIR / XDG_CACHE
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,25 +73,60 @@ def test_unknown_env_backend_lists_valid_names(clean_env, qkv, entry) -> None:
     poison = out.clone()
     clean_env.setenv("FLASHDEC_BACKEND", "nope")
     fn = flashdec.decode if entry == "decode" else flashdec.plan
-    with pytest.raises(ValueError, match=rf"'nope'.*{VALID}"):
+    with pytest.raises(ContractError, match=rf"\bFLASHDEC_BACKEND='nope' is not a flashdec "
+                                            rf"backend; {VALID}"):
         fn(q, k, v, out)
     assert torch.equal(out, poison)
 
 
-@pytest.mark.parametrize("entry", ["decode", "plan"])
-@pytest.mark.parametrize("name", ["nope", "tirch", "cuda2", ""])
+@pytest.mark.parametrize("entry", ["decode", "plan", "merge_states"])
+@pytest.mark.parametrize("name", ["nope", "tirch", "cuda2", "", "bogus"])
 def test_unknown_backend_argument_lists_valid_names(clean_env, qkv, entry, name) -> None:
     q, k, v, out, _ = qkv
-    fn = flashdec.decode if entry == "decode" else flashdec.plan
-    with pytest.raises(ValueError, match=VALID):
-        fn(q, k, v, out, backend=name)
+    poison = out.clone()
+    expected = rf"\bbackend={re.escape(repr(name))} is not a flashdec backend; {VALID}$"
+    with pytest.raises(ContractError, match=expected):  # a ValueError too, as before
+        if entry == "merge_states":
+            flashdec.merge_states([q], [q[..., 0]], out=out, backend=name)
+        else:
+            (flashdec.decode if entry == "decode" else flashdec.plan)(q, k, v, out, backend=name)
+    assert torch.equal(out, poison)
+
+
+@pytest.mark.parametrize("entry", ["decode", "plan", "merge_states"])
+@pytest.mark.parametrize("name", [3, 1.5, b"torch", ["torch"], True])
+def test_backend_that_is_not_a_str_is_a_contract_error(clean_env, qkv, entry, name) -> None:
+    """Not an AttributeError from name.strip(), nor (for unhashable ones) a TypeError."""
+    q, k, v, out, _ = qkv
+    expected = (rf"\bbackend must be a backend name \(auto, cuda, torch\) or None, got "
+                rf"{type(name).__name__} {re.escape(repr(name))}$")
+    with pytest.raises(ContractError, match=expected):
+        if entry == "merge_states":
+            flashdec.merge_states([q], [q[..., 0]], backend=name)
+        else:
+            (flashdec.decode if entry == "decode" else flashdec.plan)(q, k, v, out, backend=name)
 
 
 def test_unknown_backend_in_get_backend() -> None:
-    with pytest.raises(ValueError, match=VALID):
+    with pytest.raises(ContractError, match=rf"\bname='nope' is not a flashdec backend; {VALID}"):
         flashdec.get_backend("nope")
-    with pytest.raises(ValueError, match="auto"):
+    with pytest.raises(ContractError, match="not 'auto'"):
         flashdec.get_backend("auto")  # not a concrete backend
+    with pytest.raises(ContractError, match=r"\bname must be a backend name.*got NoneType"):
+        flashdec.get_backend(None)
+
+
+@pytest.mark.parametrize("name, factory, match", [
+    (None, lambda: None, r"backend name must be a non-empty str other than 'auto', got NoneType"),
+    ("", lambda: None, r"backend name must be a non-empty str"),
+    ("Auto", lambda: None, r"backend name must be a non-empty str other than 'auto'"),
+    ("toy", "not callable", r"\bfactory must be a callable returning a Backend, got str"),
+])
+def test_register_backend_checks_its_arguments(name, factory, match) -> None:
+    names = _registry.backend_names()
+    with pytest.raises(ContractError, match=match):
+        flashdec.register_backend(name, factory)
+    assert _registry.backend_names() == names
 
 
 @pytest.mark.parametrize("env", ["nope", "cuda", "auto"])
@@ -198,7 +234,7 @@ class ToyBackend(Backend):
         self.calls: list[tuple] = []
         self.options: list[dict] = []
 
-    def prepare(self, problem, layouts, **options):
+    def prepare(self, problem, layouts, options=flashdec.BackendOptions()):
         self.options.append(options)
         return _ToyRunner(self, problem)
 
@@ -219,7 +255,7 @@ def test_registered_backend_is_picked_by_name(registered, clean_env, qkv) -> Non
     assert torch.equal(out, q * -2)
     assert len(made) == 1, "the factory is called lazily, once"
     toy = made[0]
-    assert len(toy.calls) == 1 and toy.options == [{"num_splits": 3}]
+    assert len(toy.calls) == 1 and toy.options == [flashdec.BackendOptions(num_splits=3)]
     p = flashdec.plan(q, k, v, backend="toy")
     assert p.backend is toy
     out2 = p.run(q, k, v)

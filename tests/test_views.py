@@ -233,6 +233,17 @@ def test_dlpack_producer_buffer_error_is_a_contract_error() -> None:
         TensorRef.from_object(Refuses(_rng(14).standard_normal(3).astype(np.float32)), name="v")
 
 
+@pytest.mark.parametrize("error", [RuntimeError("boom"), TypeError("boom"), ValueError("boom")])
+def test_dlpack_producer_that_raises_anything_is_a_contract_error(error) -> None:
+    """Whatever a producer raises (torch raises RuntimeError for a tensor that requires grad)
+    comes back as a ContractError naming the argument."""
+    class Raises(Producer):
+        def __dlpack__(self, **kwargs):
+            raise error
+    with pytest.raises(ContractError, match=r"\bk could not be read through DLPack: boom$"):
+        TensorRef.from_object(Raises(_rng(16).standard_normal(3).astype(np.float32)), name="k")
+
+
 def test_dlpack_producer_unknown_dtype_is_named() -> None:
     a = (_rng(15).standard_normal(4) * 100).astype(np.int16)
     assert TensorRef.from_object(Producer(a)).dtype == "int16"
@@ -594,8 +605,8 @@ def test_decode_accepts_views_and_producers_with_out() -> None:
 
 
 def test_decode_with_producer_inputs_and_no_out_returns_a_dlpack_buffer() -> None:
-    """DESIGN.md section 2: for inputs that are neither torch nor NumPy (JAX, CuPy, any DLPack
-    producer) the output is a buffer flashdec allocates that exports ``__dlpack__``."""
+    """For inputs that are neither torch nor NumPy (JAX, CuPy, any DLPack producer) the output
+    is a buffer flashdec allocates that exports ``__dlpack__`` (README, Quickstart)."""
     q, k, v = _qkv(35)
     y = flashdec.decode(Producer(q), Producer(k), Producer(v))
     assert hasattr(y, "__dlpack__") and hasattr(y, "__dlpack_device__")

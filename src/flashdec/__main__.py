@@ -1,19 +1,26 @@
-"""``python -m flashdec``: ``info`` (versions, backends, devices, cache), ``demo``, ``bench``."""
+"""``flashdec`` / ``python -m flashdec``: ``info``, ``demo``, ``precompile``, ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 
 import numpy as np
 
-from . import __version__, _env, available_backends, decode
+from . import __version__, _env, available_backends, decode, precompile
 from ._errors import FlashDecError
+from ._registry import check_choice
 from .reference import decode_reference
 
 # Llama-3-8B decode: 32 query heads sharing 8 KV heads of width 128, a 4096-token cache.
 DEMO_SHAPE = dict(batch=1, num_heads=32, num_kv_heads=8, kv_len=4096, head_dim=128)
+
+DESCRIPTION = ("FlashDecoding attention for one query token over a KV cache: the installed "
+               "version and backends (info), a Llama-3-8B-shaped decode (demo), kernels "
+               "compiled into the disk cache ahead of time (precompile), and the GPU "
+               "benchmark (bench).")
 
 
 def _devices() -> list[str]:
@@ -28,13 +35,21 @@ def _devices() -> list[str]:
 
 
 def cmd_info(_: argparse.Namespace) -> int:
+    """Everything it can say; exit status 2 when FLASHDEC_BACKEND is invalid (every decode
+    would fail)."""
     print(f"flashdec {__version__} (Python {sys.version.split()[0]})")
-    print(f"backend choice: {_env.backend_choice()}  (FLASHDEC_BACKEND)")
+    status = 0
+    try:
+        choice = check_choice()
+    except FlashDecError as exc:
+        choice, status = "invalid (see the error below)", 2
+        print(f"error: {exc}", file=sys.stderr)
+    print(f"backend choice: {choice}  ({_env.ENV_BACKEND})")
     for name, (ok, why) in available_backends().items():
         print(f"  {name:6s} {'available' if ok else 'unavailable: ' + why}")
     print(f"devices: {', '.join(_devices())}")
-    print(f"kernel cache: {_env.cache_dir()}  (FLASHDEC_CACHE_DIR)")
-    return 0
+    print(f"kernel cache: {_env.cache_dir()}  ({_env.ENV_CACHE_DIR})")
+    return status
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -70,29 +85,77 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashdec", description=__doc__)
+def cmd_precompile(args: argparse.Namespace) -> int:
+    given = {name: getattr(args, name) for name in (*_PRECOMPILE_ARGS, "arch")
+             if getattr(args, name) is not None}
+    count = precompile(**given, progress=True)
+    print(f"{count} kernels in {_env.cache_dir() / 'kernels'}")
+    return 0
+
+
+# precompile's list arguments, as the command line spells them (defaults: the function's own)
+_PRECOMPILE_ARGS = {"dtypes": str, "head_dims": int, "group_sizes": int, "kv_dtypes": str}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"flashdec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends, devices, cache directory")
     demo = sub.add_parser("demo", help="a Llama-3-8B-shaped decode on the default backend")
     demo.add_argument("--backend", default=None, help="auto, torch or cuda (default: FLASHDEC_BACKEND)")
     demo.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
-    demo.add_argument("--iters", type=int, default=20)
+    demo.add_argument("--iters", type=_positive_int, default=20, help="timed calls (>= 1)")
+    pre = sub.add_parser("precompile", help="compile the cuda kernels into the disk cache "
+                                            "(image builds; no GPU needed with --arch)",
+                         description="Compile the cuda backend's kernels for these problems "
+                                     "into the kernel cache (FLASHDEC_CACHE_DIR); exits "
+                                     "non-zero if an argument is wrong or the cache cannot be "
+                                     "written.")
+    defaults = inspect.signature(precompile).parameters
+    for name, kind in _PRECOMPILE_ARGS.items():
+        default = defaults[name].default
+        shown = "each dtype itself" if default is None else " ".join(map(str, default))
+        pre.add_argument(f"--{name.replace('_', '-')}", nargs="+", type=kind, default=None,
+                         metavar=name.upper().rstrip("S"), help=f"default: {shown}")
+    pre.add_argument("--arch", default=None, help="e.g. sm_90 (default: GPU 0's)")
     sub.add_parser("bench", add_help=False,
                    help="flashdec vs torch SDPA, FlexDecoding and the torch backend on the GPU; "
                         "--plot JSON --png PATH redraws a plot without one (see bench --help)")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "flashdec") -> int:
+    """The command line; ``prog`` is how the help names it (the console script, or
+    ``python -m flashdec``)."""
     if argv is None:
         argv = sys.argv[1:]
+    parser = _parser(prog)
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
-        return bench_main(argv[1:])
+        try:
+            return bench_main(argv[1:])
+        except (FlashDecError, OSError) as exc:  # e.g. an unwritable --png or --json
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
+    commands = {"info": cmd_info, "demo": cmd_demo, "precompile": cmd_precompile}
     try:
-        return {"info": cmd_info, "demo": cmd_demo}[args.command](args)
+        return commands[args.command](args)
     except (FlashDecError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m flashdec"))

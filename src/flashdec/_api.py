@@ -9,9 +9,9 @@ from collections import OrderedDict
 from typing import Any, Sequence
 
 from . import _dlpack, _env
-from ._contract import (ARG_NAMES, DecodeArgs, DecodeProblem, Layout, MergeProblem,
-                        check_aliasing, check_host_seqlens, check_rank, layouts, validate,
-                        validate_merge)
+from ._contract import (ARG_NAMES, BackendOptions, DecodeArgs, DecodeProblem, Layout,
+                        MergeProblem, check_aliasing, check_host_values, check_rank, layouts,
+                        validate, validate_merge)
 from ._dtypes import DType
 from ._errors import ContractError
 from ._registry import Backend, Runner, select_backend
@@ -153,22 +153,35 @@ class _TorchFastPath:
         is a CUDA torch tensor of the planned layout (or absent where the plan has none) and
         the outputs overlap nothing; else None. ``layouts_known``: the caller has matched
         every layout already (decode's plan-cache key holds them), so only the overlap is
-        checked."""
+        checked. A tensor that requires grad or has the negative bit set (its memory holds
+        minus its values) is left to the general path, which refuses it by name; the conjugate
+        bit needs a complex dtype, which no plan has."""
         if not layouts_known:
             tensor = self.torch.Tensor
-            for i, sig in self.checks:
-                x = given[i]
-                if (type(x) is not tensor or x.get_device() != sig[3] or x.dtype is not sig[2]
-                        or x.shape != sig[0] or x.stride() != sig[1]):
-                    return None
+            try:
+                for i, sig in self.checks:
+                    x = given[i]
+                    if (type(x) is not tensor or x.get_device() != sig[3]
+                            or x.dtype is not sig[2] or x.shape != sig[0]
+                            or x.stride() != sig[1]):
+                        return None
+            except RuntimeError:  # no strides (sparse): the general path names it
+                return None
             for i in self.absent:
                 if given[i] is not None:
                     return None  # a tensor the plan does not have
-        ptrs = tuple(None if x is None else x.data_ptr() for x in given)
+        ptrs = []
+        for x in given:
+            if x is None:
+                ptrs.append(None)
+            elif x.requires_grad or x.is_neg():
+                return None
+            else:
+                ptrs.append(x.data_ptr())
         for o, i, extent_o, extent_i in self.overlaps:
             if ptrs[i] < ptrs[o] + extent_o and ptrs[o] < ptrs[i] + extent_i:
                 return None
-        return ptrs
+        return tuple(ptrs)
 
 
 class DecodePlan:
@@ -249,7 +262,7 @@ class DecodePlan:
         args, result = _results(self.backend, self.problem, args, q, out, lse_out, handle)
         _check_planned(self._layouts, args)
         check_aliasing(args)
-        check_host_seqlens(args.seqlens, self.problem.kv_len)
+        check_host_values(args, self.problem.kv_len)
         self._runner(args, handle)
         return result
 
@@ -277,9 +290,10 @@ def plan(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
     ``out`` fixes Y's layout; without it Y is planned as a fresh row-major tensor like Q (and
     LSE likewise with ``return_lse``). ``seqlens``, scale tensors and ``lse_out`` fix their
     presence and layout: each run passes tensors of the same layout. Float scales, ``scale``,
-    ``softcap`` and ``window_left`` are fixed here. Backend options (``num_splits=`` for
-    cuda) are passed through.
+    ``softcap`` and ``window_left`` are fixed here, and so are the backend options
+    (``num_splits=``), checked here on every backend.
     """
+    parsed = BackendOptions.parse(options)
     args, problem, chosen = _validated(q, k, v, out, seqlens, k_scale, v_scale, lse_out,
                                        backend, None, scale=scale, softcap=softcap,
                                        window_left=window_left, return_lse=return_lse)
@@ -290,7 +304,7 @@ def plan(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
     if problem.return_lse and lse_out is None:
         planned = planned._replace(lse=_row_major(problem.lse_shape, DType.float32,
                                                   problem.device))
-    return DecodePlan(problem, chosen, chosen.prepare(problem, planned, **options), planned)
+    return DecodePlan(problem, chosen, chosen.prepare(problem, planned, parsed), planned)
 
 
 def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
@@ -308,23 +322,32 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
     float32); K and V share Q's dtype or one fp8 dtype (float8_e4m3fn, float8_e5m2, with
     float16 or bfloat16 Q). One device. An empty key range gives Y = 0 and LSE = -inf.
 
+    flashdec computes no gradients, on every backend: a torch tensor that requires grad is
+    refused (ContractError; pass ``x.detach()``), so results never carry autograd history. A
+    torch view whose memory does not hold its values (the negative or conjugate bit, e.g.
+    ``x.conj().imag``) and a non-strided (sparse) tensor are refused too.
+
     Parameters
     ----------
     q, k, v : torch.Tensor, numpy.ndarray, any DLPack producer, or TensorRef
     out : writable tensor of Q's shape, optional
         Written in full. Without it Y is allocated like Q (torch for torch, NumPy for NumPy).
     scale : float, optional
-        Multiplies ``Q . K``; default ``1 / sqrt(D)``.
+        Multiplies ``Q . K``; default ``1 / sqrt(D)``. At most 2**126 in magnitude, and so
+        is ``scale / softcap`` (the kernels compute in float32).
     softcap : float > 0, optional
         Caps the scaled scores at +-softcap through tanh (Gemma 2).
     window_left : int >= 0, optional
-        Attend only to keys ``j >= L - 1 - window_left``.
+        Attend only to keys ``j >= L - 1 - window_left``; any value >= K_len attends to every
+        key (the plan records it as K_len).
     seqlens : int32 tensor [B] or a host sequence of ints, optional
         Valid KV rows per batch entry; K_len is then the capacity and rows at or past
         ``seqlens[b]`` are never read. On K's device (read at run time, clamped to
         [0, K_len]) or on the CPU (checked to lie in [0, K_len]).
     k_scale, v_scale : float > 0 or float32 tensor [H_kv], optional
-        Dequantization scales of K and V; required with fp8 K/V, default 1.
+        Dequantization scales of K and V; required with fp8 K/V, default 1. Floats, and a
+        tensor's values in host memory, are checked to be finite and > 0; a tensor on the GPU
+        is read at run time, unchecked (like device ``seqlens``).
     return_lse : bool
         Also return LSE = log of the softmax denominator of the (capped) scores, float32.
     lse_out : writable float32 tensor [B, H_q], optional
@@ -334,7 +357,9 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
     stream : int or object with ``__cuda_stream__``, optional
         CUDA stream to run on; default torch's current stream for torch tensors.
     **options
-        Backend options, e.g. ``num_splits=`` for cuda.
+        Backend options (:class:`BackendOptions`), checked the same way on every backend:
+        ``num_splits=`` (1..512) cuts the KV sequence into that many chunks on cuda (the torch
+        backend computes in one piece). An unknown name is a ContractError.
 
     Returns
     -------
@@ -379,12 +404,13 @@ def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = Non
         if done is not None:
             return done
         return found._run_general(q, k, v, out, seqlens, k_scale, v_scale, lse_out, None)
+    parsed = BackendOptions.parse(options)
     handle = stream_handle(stream, q)
     args, problem, chosen = _validated(q, k, v, out, seqlens, k_scale, v_scale, lse_out,
                                        backend, handle, scale=scale, softcap=softcap,
                                        window_left=window_left, return_lse=return_lse)
     args, result = _results(chosen, problem, args, q, out, lse_out, handle)
-    chosen.prepare(problem, layouts(args), **options)(args, handle)
+    chosen.prepare(problem, layouts(args), parsed)(args, handle)
     return result
 
 
@@ -407,15 +433,19 @@ def _plan_key(q: Any, k: Any, v: Any, out: Any, seqlens: Any, k_scale: Any, v_sc
         return None
     tensor = torch.Tensor
     sigs = []
-    for x in (q, k, v, out, seqlens, lse_out):
-        if x is None:
-            sigs.append(None)
-        elif type(x) is tensor:
-            sigs.append((x.shape, x.stride(), x.dtype, x.get_device()))
-        else:
-            return None
-    for x in (k_scale, v_scale):
-        sigs.append(x if type(x) is not tensor else (x.shape, x.stride(), x.dtype, x.get_device()))
+    try:
+        for x in (q, k, v, out, seqlens, lse_out):
+            if x is None:
+                sigs.append(None)
+            elif type(x) is tensor:
+                sigs.append((x.shape, x.stride(), x.dtype, x.get_device()))
+            else:
+                return None
+        for x in (k_scale, v_scale):
+            sigs.append(x if type(x) is not tensor
+                        else (x.shape, x.stride(), x.dtype, x.get_device()))
+    except RuntimeError:  # a tensor without strides (sparse): the general path names it
+        return None
     device = q.get_device()
     key = (tuple(sigs), scale, softcap, window_left, return_lse,
            backend if backend is not None else _env.backend_choice(),
@@ -459,7 +489,10 @@ def merge_states(outputs: Any, lses: Any, *, out: Any = None, lse_out: Any = Non
     What context parallelism and cascade attention do with the ``(Y, LSE)`` pairs that
     ``decode(..., return_lse=True)`` returns for each key set. Parts with LSE = -inf (no keys)
     weigh nothing; if every part is empty, Y = 0 and LSE = -inf. NaN propagates. Parts are
-    summed in order, in fp32, so the result is deterministic.
+    summed in order, in fp32, so the result is deterministic. An LSE of +inf is no state
+    (ContractError for LSEs in host memory; LSEs on the GPU are not read on the host, and a
+    +inf there gives NaN in its row). Torch tensors that require grad are refused, as in
+    :func:`decode`.
 
     Parameters
     ----------

@@ -10,23 +10,32 @@ work is launched.
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from numbers import Integral, Real
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from ._dtypes import DType
 from ._errors import ContractError
 from ._views import Device, TensorMut, TensorRef
 
-__all__ = ["DecodeProblem", "DecodeArgs", "MergeProblem", "COMPUTE_DTYPES", "KV_DTYPES_FP8",
-           "ARG_NAMES", "validate", "validate_merge", "check_aliasing", "check_host_seqlens",
-           "check_no_overlap", "check_rank", "Layout", "layouts"]
+__all__ = ["DecodeProblem", "DecodeArgs", "MergeProblem", "BackendOptions", "COMPUTE_DTYPES",
+           "KV_DTYPES_FP8", "MAX_SPLITS", "FP32_RANGE", "ARG_NAMES", "validate", "validate_merge",
+           "check_aliasing", "check_host_seqlens", "check_host_values", "check_no_overlap",
+           "check_rank", "Layout", "layouts"]
 
 COMPUTE_DTYPES = (DType.float16, DType.bfloat16, DType.float32)
 KV_DTYPES_FP8 = (DType.float8_e4m3fn, DType.float8_e5m2)
 _NAMES = ", ".join(d.value for d in COMPUTE_DTYPES)
 _FP8_NAMES = ", ".join(d.value for d in KV_DTYPES_FP8)
+# The most chunks a decode's KV sequence may be cut into (``num_splits``): what the cuda
+# backend's combine kernel merges (its kMaxSplits; a test checks the two agree).
+MAX_SPLITS = 512
+# Magnitudes a real parameter (scale, softcap, k_scale, v_scale, and scale / softcap) may take:
+# the kernels compute in float32 and fold log2(e) into the scale, so a value must stay a normal
+# float32 with room for that factor (1e39 is finite in Python but inf in float32).
+FP32_RANGE = (2.0**-126, 2.0**126)
 
 
 class _ResultShapes:
@@ -116,6 +125,44 @@ class MergeProblem(_ResultShapes):
     head_dim: int
     dtype: DType
     device: Device
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The backend options of ``decode`` and ``plan`` (their ``**options``), parsed once by
+    the frontend so that every backend sees the same checked values and a typo is the same
+    error whichever backend runs.
+
+    ``num_splits``: how many chunks the KV sequence is cut into, 1..MAX_SPLITS; None lets the
+    backend choose. The cuda backend honours it; the torch backend computes in one piece
+    whatever it says.
+    """
+
+    num_splits: int | None = None
+
+    @classmethod
+    def parse(cls, options: Mapping[str, object]) -> "BackendOptions":
+        """The options of a call's ``**options``; ContractError for an unknown name or a bad
+        value."""
+        if not options:
+            return _NO_OPTIONS
+        known = [f.name for f in fields(cls)]
+        for name in options:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ContractError(f"unknown backend option {name}={options[name]!r}{hint}; "
+                                    f"valid options: {', '.join(known)}")
+        num_splits = options.get("num_splits")
+        if num_splits is not None and (isinstance(num_splits, bool)
+                                       or not isinstance(num_splits, Integral)
+                                       or not 1 <= num_splits <= MAX_SPLITS):
+            raise ContractError(f"num_splits must be an int in [1, {MAX_SPLITS}] or None, got "
+                                f"{type(num_splits).__name__} {num_splits!r}")
+        return cls(None if num_splits is None else int(num_splits))
+
+
+_NO_OPTIONS = BackendOptions()
 
 
 class Layout(tuple):
@@ -219,19 +266,49 @@ def check_host_seqlens(seqlens: TensorRef | None, kv_len: int) -> None:
                             f"[0, {kv_len}] (k's kv_len, the cache capacity)")
 
 
+def check_host_values(args: DecodeArgs, kv_len: int) -> None:
+    """What can be checked without a device sync: ``seqlens`` (see check_host_seqlens) and
+    scale tensors in host memory (finite and > 0, as float scales are). Tensors in device
+    memory are read by the kernel at run time, unchecked."""
+    check_host_seqlens(args.seqlens, kv_len)
+    for name, view in ((ARG_NAMES.k_scale, args.k_scale), (ARG_NAMES.v_scale, args.v_scale)):
+        if view is None or view.device.kind != "cpu" or view.numel == 0:
+            continue
+        import numpy
+
+        values = numpy.from_dlpack(view)
+        with numpy.errstate(invalid="ignore"):
+            bad = ~(numpy.isfinite(values) & (values > 0))
+        if bad.any():
+            g = int(bad.argmax())
+            raise ContractError(f"{name}[{g}] is {float(values[g])}; every scale must be "
+                                f"finite and > 0")
+
+
 def _real(name: str, value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ContractError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
     result = float(value)
     if not math.isfinite(result):
         raise ContractError(f"{name} must be finite, got {result}")
+    _check_fp32_magnitude(name, result)
     return result
+
+
+def _check_fp32_magnitude(name: str, value: float) -> None:
+    if abs(value) > FP32_RANGE[1]:
+        raise ContractError(f"{name} must be at most 2**126 ({FP32_RANGE[1]:.3g}) in magnitude "
+                            f"(the kernels compute in float32), got {value:g}")
 
 
 def _positive_real(name: str, value: object, what: str) -> float:
     result = _real(name, value, what)
     if result <= 0:
         raise ContractError(f"{name} must be > 0, got {result}")
+    if result < FP32_RANGE[0]:
+        raise ContractError(f"{name} must be at least 2**-126 ({FP32_RANGE[0]:.3g}, the "
+                            f"smallest normal float32: the kernels compute in float32), got "
+                            f"{result:g}")
     return result
 
 
@@ -248,7 +325,9 @@ def _resolve_softcap(softcap: object) -> float | None:
     return _positive_real("softcap", softcap, "a finite real number > 0 or None")
 
 
-def _resolve_window(window_left: object) -> int | None:
+def _resolve_window(window_left: object, kv_len: int) -> int | None:
+    """``window_left`` as an int; any value >= kv_len reaches every key, so it is kept as
+    kv_len (a window of 2**64 is valid and must not overflow a backend's int64)."""
     if window_left is None:
         return None
     if isinstance(window_left, bool) or not isinstance(window_left, Integral):
@@ -257,7 +336,7 @@ def _resolve_window(window_left: object) -> int | None:
     if window_left < 0:
         raise ContractError(f"window_left must be >= 0 (keys j >= L - 1 - window_left are "
                             f"attended), got {window_left}")
-    return int(window_left)
+    return min(int(window_left), kv_len)
 
 
 def _resolve_kv_scale(name: str, value: object, tensor: TensorRef | None,
@@ -362,16 +441,35 @@ def validate(args: DecodeArgs, *, scale: object = None, softcap: object = None,
         if view is not None:
             _check_output(name, view)
     check_aliasing(args)
-    check_host_seqlens(args.seqlens, kv_len)
+    check_host_values(args, kv_len)
 
+    scale = resolve_scale(scale, head_dim)
+    softcap = _resolve_softcap(softcap)
+    if softcap is not None:  # the scores are scale * q.k / softcap before the tanh
+        _check_fp32_magnitude("scale / softcap", scale / softcap)
     return DecodeProblem(
-        batch, num_heads, num_kv_heads, kv_len, head_dim, q.dtype,
-        resolve_scale(scale, head_dim), q.device, kv_dtype=k.dtype,
-        softcap=_resolve_softcap(softcap), window_left=_resolve_window(window_left),
+        batch, num_heads, num_kv_heads, kv_len, head_dim, q.dtype, scale, q.device,
+        kv_dtype=k.dtype, softcap=softcap, window_left=_resolve_window(window_left, kv_len),
         seqlens=args.seqlens is not None,
         k_scale=_resolve_kv_scale("k_scale", k_scale, args.k_scale, k.dtype),
         v_scale=_resolve_kv_scale("v_scale", v_scale, args.v_scale, k.dtype),
         return_lse=bool(return_lse) or args.lse is not None)
+
+
+def _check_host_lse(name: str, view: TensorRef) -> None:
+    """An LSE in host memory is not +inf: no sum of exponentials of finite scores is infinite,
+    and the merge weighs such a part by exp(inf - inf) = NaN. LSEs in device memory are read by
+    the kernel unchecked (a +inf there gives NaN in its row)."""
+    if view.device.kind != "cpu" or view.numel == 0:
+        return
+    import numpy
+
+    values = numpy.from_dlpack(view)
+    bad = values == numpy.inf
+    if bad.any():
+        b, h = (int(i) for i in numpy.unravel_index(int(bad.argmax()), values.shape))
+        raise ContractError(f"{name}[{b}, {h}] is +inf; an LSE is finite, -inf (no keys) or "
+                            f"NaN")
 
 
 def validate_merge(outputs: Sequence[TensorRef], lses: Sequence[TensorRef],
@@ -409,5 +507,7 @@ def validate_merge(outputs: Sequence[TensorRef], lses: Sequence[TensorRef],
         check_no_overlap(name, view, parts)
     if out is not None and lse_out is not None:
         check_no_overlap("lse_out", lse_out, {"out": out})
+    for i, part in enumerate(lses):
+        _check_host_lse(f"lses[{i}]", part)
     batch, num_heads, head_dim = first.shape
     return MergeProblem(len(outputs), batch, num_heads, head_dim, first.dtype, device)

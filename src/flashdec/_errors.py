@@ -9,6 +9,7 @@ __all__ = [
     "BackendUnavailableError",
     "CompilationError",
     "CudaError",
+    "CacheError",
 ]
 
 
@@ -46,3 +47,8 @@ class CudaError(FlashDecError):
     def __init__(self, message: str, result: str = "") -> None:
         super().__init__(message)
         self.result = result
+
+
+class CacheError(FlashDecError):
+    """The kernel cache cannot be written (``precompile``, whose whole point is the cache);
+    the message names the directory and the operating system's reason."""

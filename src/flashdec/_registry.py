@@ -10,13 +10,13 @@ import threading
 from typing import Any, Callable, Protocol, Sequence
 
 from . import _env
-from ._contract import DecodeArgs, DecodeProblem, MergeProblem
+from ._contract import BackendOptions, DecodeArgs, DecodeProblem, MergeProblem
 from ._dtypes import DType
-from ._errors import BackendUnavailableError, UnsupportedError
+from ._errors import BackendUnavailableError, ContractError, UnsupportedError
 from ._views import Device, TensorMut, TensorRef
 
 __all__ = ["Backend", "Runner", "register_backend", "get_backend", "backend_names",
-           "available_backends", "select_backend"]
+           "available_backends", "select_backend", "check_choice"]
 
 
 class Runner(Protocol):
@@ -53,11 +53,13 @@ class Backend:
                     f"these are on {device}")
         return None
 
-    def prepare(self, problem: DecodeProblem, layouts: DecodeArgs, **options: Any) -> Runner:
+    def prepare(self, problem: DecodeProblem, layouts: DecodeArgs,
+                options: BackendOptions = BackendOptions()) -> Runner:
         """Do once what every call of this problem shares (kernel, split layout, workspace).
 
         ``layouts`` holds the (shape, strides, dtype, device) :class:`Layout` of every tensor
-        argument, None where the argument is absent.
+        argument, None where the argument is absent. ``options`` are the call's backend
+        options, already checked by the frontend; a backend uses those it has a use for.
         """
         raise NotImplementedError
 
@@ -99,6 +101,13 @@ _lock = threading.Lock()
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     """Register ``factory`` (called lazily, once) under ``name``. Earlier names win in auto."""
+    if not isinstance(name, str) or not name.strip() or name.strip().lower() == "auto":
+        raise ContractError(f"a backend name must be a non-empty str other than 'auto', got "
+                            f"{type(name).__name__} {name!r}")
+    if not callable(factory):
+        raise ContractError(f"factory must be a callable returning a Backend, got "
+                            f"{type(factory).__name__} {factory!r}")
+    name = name.strip()
     with _lock:
         _factories[name.lower()] = factory
         _instances.pop(name.lower(), None)
@@ -108,19 +117,33 @@ def backend_names() -> list[str]:
     return list(_factories)
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: object, source: str) -> str:
+    """``name`` lower-cased and stripped if it is ``auto`` or a registered backend; else a
+    ContractError naming ``source`` (the argument or variable it came from)."""
+    choices = ", ".join(["auto", *_factories])
+    if not isinstance(name, str):
+        raise ContractError(f"{source} must be a backend name ({choices}) or None, got "
+                            f"{type(name).__name__} {name!r}")
     key = name.strip().lower()
     if key != "auto" and key not in _factories:
-        raise ValueError(f"unknown flashdec backend {name!r}; valid choices: "
-                         f"{', '.join(['auto', *_factories])}")
+        raise ContractError(f"{source}={name!r} is not a flashdec backend; valid choices: "
+                            f"{choices}")
     return key
+
+
+def check_choice(choice: object = None) -> str:
+    """The backend choice a call makes: ``choice`` (the ``backend=`` argument) if not None,
+    else ``FLASHDEC_BACKEND``, lower-cased; ContractError naming the one that is invalid."""
+    if choice is not None:
+        return _check_name(choice, "backend")
+    return _check_name(_env.backend_choice(), _env.ENV_BACKEND)
 
 
 def get_backend(name: str) -> Backend:
     """The backend instance for ``name``; raises BackendUnavailableError if it cannot load."""
-    key = _check_name(name)
+    key = _check_name(name, "name")
     if key == "auto":
-        raise ValueError("get_backend needs a concrete backend name, not 'auto'")
+        raise ContractError("get_backend needs a concrete backend name, not 'auto'")
     with _lock:
         if key not in _instances:
             try:
@@ -161,7 +184,7 @@ def select_backend(choice: str | None, problem: DecodeProblem | MergeProblem) ->
     An explicit choice never falls back; auto takes the first registered backend that loads
     and supports the problem.
     """
-    key = _check_name(choice if choice is not None else _env.backend_choice())
+    key = check_choice(choice)
     if key != "auto":
         backend = get_backend(key)
         why = _why_not(backend, problem)

@@ -99,7 +99,7 @@ class TensorRef:
             return cls._check_kind(x, name)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(x, torch.Tensor):
-            return cls._check_kind(_from_torch(cls, x), name)
+            return cls._check_kind(_from_torch(cls, x, name), name)
         numpy = sys.modules.get("numpy")
         if numpy is not None and isinstance(x, numpy.ndarray):
             return cls._check_kind(_from_numpy(cls, x, name), name)
@@ -196,10 +196,35 @@ def extent_bytes(shape: Sequence[int], strides: Sequence[int], itemsize: int) ->
     return (sum((e - 1) * s for e, s in zip(shape, strides)) + 1) * itemsize
 
 
-def _from_torch(cls, x: Any) -> TensorRef:
+def _from_torch(cls, x: Any, name: str) -> TensorRef:
+    """The view of a torch tensor, built where its data pointer is read. Refused here, so on
+    every path: a tensor that is not strided memory, a lazy view whose memory holds other
+    values than it reads as (the negative or conjugate bit), a tensor autograd tracks."""
+    torch = sys.modules["torch"]
+    if x.layout is not torch.strided:
+        raise ContractError(f"{name} is a {x.layout} tensor; flashdec reads dense strided "
+                            f"memory: pass {name}.to_dense()")
+    if x.is_neg():
+        raise ContractError(f"{name} is a torch view with the negative bit set (from "
+                            f"torch._neg_view or .conj().imag): its memory holds -{name}; pass "
+                            f"{name}.resolve_neg() (a copy)")
+    if x.is_conj():
+        raise ContractError(f"{name} is a torch view with the conjugate bit set (from .conj()): "
+                            f"its memory holds the conjugate; pass {name}.resolve_conj() (a "
+                            f"copy)")
+    if x.requires_grad:
+        raise ContractError(f"{name} requires grad; flashdec computes no gradients and its "
+                            f"results carry no autograd history: pass {name}.detach() (or "
+                            f"make it under torch.no_grad())")
     dev = x.device
-    return cls(x.data_ptr(), DType.parse(x.dtype), x.shape, x.stride(),
-               Device(dev.type, dev.index or 0), readonly=False, owner=x)
+    if dev.type not in ("cpu", "cuda"):
+        raise ContractError(f"{name} is on {dev}; flashdec reads CPU and CUDA memory")
+    try:
+        ptr, strides = x.data_ptr(), x.stride()
+    except RuntimeError as exc:  # tensors without storage (fake, functional, ...)
+        raise ContractError(f"{name} has no memory flashdec can read: {exc}") from exc
+    return cls(ptr, DType.parse(x.dtype), x.shape, strides, Device(dev.type, dev.index or 0),
+               readonly=False, owner=x)
 
 
 def _from_numpy(cls, x: Any, name: str) -> TensorRef:
@@ -228,8 +253,11 @@ def _from_dlpack(cls, x: Any, name: str, stream: int | None) -> TensorRef:
         except TypeError:  # a pre-1.0 producer: no max_version keyword
             capsule = x.__dlpack__(stream=producer_stream)
         got = _dlpack.import_capsule(capsule)
-    except BufferError as exc:
-        raise ContractError(f"{name} could not be read through DLPack: {exc}") from exc
+    except ContractError:
+        raise
+    except Exception as exc:  # whatever the producer raises (BufferError, RuntimeError, ...)
+        raise ContractError(f"{name} could not be read through DLPack: "
+                            f"{exc or type(exc).__name__}") from exc
     return cls(got.ptr, DType.from_dlpack(*got.dtype), got.shape, got.strides,
                Device(_DEVICE_FROM_DLPACK[got.device_type], got.device_id),
                readonly=got.readonly, owner=(x, capsule))

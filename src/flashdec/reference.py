@@ -86,8 +86,8 @@ def merge_reference(outputs: Sequence[np.ndarray] | np.ndarray,
 
 
 # Allowed max |Y - reference| relative to max |reference|: two units in the last place of the
-# output dtype (DESIGN.md section 4). Keyed by dtype name; the one definition tests and the
-# benchmark use. fp8 K/V are judged by Q's dtype against the reference of the same fp8 values.
+# output dtype. Keyed by dtype name; the one definition tests and the benchmark use. fp8 K/V
+# are judged by Q's dtype against the reference of the same fp8 values.
 TOLERANCE = {"bfloat16": 2 * 2.0**-8, "float16": 2 * 2.0**-11, "float32": 1e-5}
 
 # Allowed |LSE - reference| / max(1, |reference|), keyed by the output dtype like TOLERANCE:

@@ -96,15 +96,15 @@ def test_precompile_with_explicit_arch_needs_no_gpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cuda_backend, "_compiled", {})  # kernels earlier tests compiled
     n = precompile(dtypes=["bfloat16"], head_dims=[128, 72], group_sizes=[4], arch="sm_90")
-    assert n == 5  # MMA + element-wise SIMT for D=128, 16-byte + element-wise SIMT for D=72,
-    # and the float4 combine kernel both share
-    assert len(list((tmp_path / "kernels").glob("*.cubin"))) == 5
+    assert n == 6  # MMA + element-wise SIMT for D=128, 16-byte + element-wise SIMT for D=72,
+    # the float4 combine kernel both share, and merge_states
+    assert len(list((tmp_path / "kernels").glob("*.cubin"))) == 6
     assert precompile(dtypes=["bfloat16"], kv_dtypes=["float8_e4m3fn"], head_dims=[128],
-                      group_sizes=[8], arch="sm_90") == 3  # MMA + element-wise + combine
+                      group_sizes=[8], arch="sm_90") == 4  # MMA, element-wise, combine, merge
     import flashdec
 
     assert flashdec.precompile(dtypes=["float16"], head_dims=[64], group_sizes=[1],
-                               arch="sm_90") == 3  # the public entry point
+                               arch="sm_90") == 4  # the public entry point
 
 
 def _problem(batch, hq, hkv, kv_len, d, dtype=DType.bfloat16, **features):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Sequence
 
-from .._contract import DecodeArgs, DecodeProblem, MergeProblem
+from .._contract import BackendOptions, DecodeArgs, DecodeProblem, MergeProblem
 from .._dtypes import DType
 from .._registry import Backend
 from .._streams import torch_current_stream
@@ -56,7 +56,9 @@ class _Runner:
         self.problem = problem
 
     def __call__(self, args: DecodeArgs, stream: int | None) -> None:
-        with _on_stream(self.torch, self.problem.device, stream):
+        # no history even for a view built by hand over a tensor that requires grad (the
+        # frontend refuses such tensors): results never carry autograd history, as on cuda
+        with _on_stream(self.torch, self.problem.device, stream), self.torch.no_grad():
             self._compute(args)
 
     def _valid_keys(self, args: DecodeArgs, device: Any) -> Any:
@@ -125,11 +127,9 @@ class TorchBackend(Backend):
             why = "torch was built without CUDA or sees no GPU"
         return why
 
-    def prepare(self, problem: DecodeProblem, layouts: DecodeArgs | None = None, *,
-                num_splits: int | None = None, **options: Any) -> _Runner:
-        """``num_splits`` (a cuda backend option) changes nothing here."""
-        if options:
-            raise TypeError(f"unknown torch backend options: {', '.join(options)}")
+    def prepare(self, problem: DecodeProblem, layouts: DecodeArgs | None = None,
+                options: BackendOptions = BackendOptions()) -> _Runner:
+        """``options.num_splits`` changes nothing here: the reference computes in one piece."""
         return _Runner(self._torch, problem)
 
     def merge(self, problem: MergeProblem, outputs: Sequence[TensorRef],
@@ -137,7 +137,7 @@ class TorchBackend(Backend):
               stream: int | None) -> None:
         """Weights ``exp(lse_i - max lse)`` summed in part order (deterministic), fp32."""
         torch = self._torch
-        with _on_stream(torch, problem.device, stream):
+        with _on_stream(torch, problem.device, stream), torch.no_grad():
             parts = [_as_torch(torch, x) for x in lses]
             top = parts[0]
             for lse in parts[1:]:

@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Any, Sequence
 
-from ..._contract import DecodeArgs, DecodeProblem, Layout, MergeProblem
+from ..._contract import BackendOptions, DecodeArgs, DecodeProblem, Layout, MergeProblem
 from ..._dtypes import DType
 from ..._errors import ContractError
 from ..._registry import Backend
@@ -272,13 +272,10 @@ class CudaBackend(Backend):
         return why
 
     def prepare(self, problem: DecodeProblem, layouts: DecodeArgs,
-                num_splits: int | None = None, **options: Any) -> _Runner:
-        if options:
-            raise TypeError(f"unknown cuda backend options: {', '.join(options)}")
-        if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                       or not 1 <= num_splits <= MAX_SPLITS):
-            raise ContractError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
-        return _Runner(problem, layouts, num_splits)
+                options: BackendOptions = BackendOptions()) -> _Runner:
+        """``options.num_splits`` (checked by the frontend against MAX_SPLITS, which is this
+        backend's too) overrides the cost model's split count."""
+        return _Runner(problem, layouts, options.num_splits)
 
     def allocate_buffer(self, device: Device, shape: tuple[int, ...], dtype: DType,
                         like: Any) -> TensorMut:
@@ -315,29 +312,128 @@ class CudaBackend(Backend):
                        ctypes.addressof(array))
 
 
-def precompile(dtypes: Sequence[str | DType] = ("float16", "bfloat16", "float32"),
-               head_dims: Sequence[int] = (64, 128, 256), group_sizes: Sequence[int] = (1, 2, 4, 8),
-               kv_dtypes: Sequence[str | DType] | None = None, arch: str | None = None) -> int:
-    """Compile ahead of time the kernels these problems select, into the disk cache.
+# -- precompile -------------------------------------------------------------------------------
+_MIN_ARCH = 80  # the kernels' cp.async and bf16 MMAs need sm_80 or newer
 
-    ``kv_dtypes`` defaults to each dtype itself; pass e.g. ``["float8_e4m3fn"]`` for an fp8
-    cache. With ``arch`` (e.g. ``"sm_90"``) no GPU is needed; without it, device 0's arch is
-    used. Returns the number of kernels compiled or found in the cache.
-    """
+
+def _listed(name: str, values: Any) -> list:
+    """``values`` as a non-empty list; a str (which would iterate its characters) or a scalar
+    is refused."""
+    if isinstance(values, (str, bytes, DType)) or not hasattr(values, "__iter__"):
+        raise ContractError(f"{name} must be a sequence, got {type(values).__name__} "
+                            f"{values!r} (write [{values!r}] for one)")
+    listed = list(values)
+    if not listed:
+        raise ContractError(f"{name} is empty: nothing to compile")
+    return listed
+
+
+def _dtypes(name: str, values: Any, allowed: Sequence[DType]) -> list[DType]:
+    found = []
+    for value in _listed(name, values):
+        try:
+            dtype = DType.parse(value)
+        except (TypeError, ValueError):
+            dtype = None
+        if dtype not in allowed:
+            raise ContractError(f"{name}: {value!r} is not one of "
+                                f"{', '.join(d.value for d in allowed)}")
+        found.append(dtype)
+    return found
+
+
+def _ints(name: str, values: Any, low: int, high: int | None) -> list[int]:
+    found = []
+    for value in _listed(name, values):
+        if (isinstance(value, bool) or not hasattr(value, "__index__")
+                or value < low or (high is not None and value > high)):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ContractError(f"{name}: each must be an int {bound}, got "
+                                f"{type(value).__name__} {value!r}")
+        found.append(int(value))
+    return found
+
+
+def _check_arch(arch: Any) -> None:
+    """``arch`` names an architecture this NVRTC compiles and the kernels run on."""
+    import re
+
+    match = re.fullmatch(r"sm_(\d+)([af]?)", arch) if isinstance(arch, str) else None
+    if match is None:
+        raise ContractError(f"arch must look like 'sm_90' or 'sm_90a', got "
+                            f"{type(arch).__name__} {arch!r}")
+    from cuda.bindings import nvrtc
+
+    from ._compiler import nvrtc_version
+
+    version = nvrtc_version()  # BackendUnavailableError when NVRTC cannot load
+    _, supported = nvrtc.nvrtcGetSupportedArchs()
+    number, suffix = int(match.group(1)), match.group(2)
+    usable = [n for n in supported if n >= _MIN_ARCH]
+    if (number not in usable or (suffix == "a" and number < 90)
+            or (suffix == "f" and number < 100)):
+        raise ContractError(
+            f"arch {arch!r} is not one flashdec compiles for with NVRTC "
+            f"{version[0]}.{version[1]}: sm_N with N in {', '.join(map(str, usable))} (an 'a' "
+            f"suffix from sm_90, 'f' from sm_100)")
+
+
+def precompile(*, dtypes: Sequence[str | DType], head_dims: Sequence[int],
+               group_sizes: Sequence[int], kv_dtypes: Sequence[str | DType] | None = None,
+               arch: str | None = None, progress: bool = False) -> int:
+    """:func:`flashdec.precompile` (which documents it and holds the defaults): check every
+    argument, then that the cache can be written, then compile each kernel into it."""
+    import tempfile
+    import time
+
+    from ... import _env
+    from ..._contract import COMPUTE_DTYPES, KV_DTYPES_FP8
+    from ..._errors import CacheError
+    from . import _compiler
+
+    q_dtypes = _dtypes("dtypes", dtypes, COMPUTE_DTYPES)
+    kv_given = None if kv_dtypes is None else _dtypes("kv_dtypes", kv_dtypes,
+                                                      COMPUTE_DTYPES + KV_DTYPES_FP8)
+    dims = _ints("head_dims", head_dims, 1, MAX_HEAD_DIM)
+    groups = _ints("group_sizes", group_sizes, 1, None)
+    pairs = [(dtype, kv) for dtype in q_dtypes
+             for kv in ([dtype] if kv_given is None else kv_given) if kv in kv_dtypes_for(dtype)]
+    for kv in kv_given or ():
+        if not any(kv == pair[1] for pair in pairs):
+            raise ContractError(
+                f"kv_dtypes: {kv.value} pairs with none of dtypes "
+                f"({', '.join(d.value for d in q_dtypes)}): K and V have Q's dtype, or an fp8 "
+                f"dtype with float16 or bfloat16 Q")
     if arch is None:
         arch = _driver.device_info(0).arch
-    parse = lambda x: x if isinstance(x, DType) else DType(str(x).removeprefix("torch."))  # noqa: E731
-    names = set()
-    for dtype in map(parse, dtypes):
-        for kv in ([dtype] if kv_dtypes is None else map(parse, kv_dtypes)):
-            if kv not in kv_dtypes_for(dtype):
-                continue  # e.g. float32 q with an fp8 cache: not a valid problem
-            for d in head_dims:
-                if not 1 <= d <= MAX_HEAD_DIM:
-                    raise ContractError(f"head_dims: {d} is outside 1..{MAX_HEAD_DIM}")
-                names.add(combine_kernel(dtype, d))
-                for g in group_sizes:
-                    names |= {s.name_expression for s in kernels_for(dtype, kv, d, g)}
-    for name in names:
-        _compile(name, arch)
-    return len(names)
+    _check_arch(arch)
+
+    directory = _env.cache_dir() / "kernels"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise CacheError(f"precompile cannot write the kernel cache in {directory} ({exc}); "
+                         f"set {_env.ENV_CACHE_DIR} to a writable directory") from exc
+
+    names = {merge_kernel(dtype) for dtype in q_dtypes}
+    for dtype, kv in pairs:
+        for d in dims:
+            names.add(combine_kernel(dtype, d))
+            for g in groups:
+                names |= {spec.name_expression for spec in kernels_for(dtype, kv, d, g)}
+    ordered = sorted(names)
+    for i, name in enumerate(ordered, 1):
+        start = time.perf_counter()
+        module = _compile(name, arch)
+        entry = directory / f"{module.key}.cubin"
+        if not entry.is_file():  # compiled by this process before the cache moved, or lost
+            _compiler._store(directory, module)
+            if not entry.is_file():
+                raise CacheError(f"precompile could not write {entry}: the kernel cache in "
+                                 f"{directory} is not writable")
+        if progress:
+            print(f"flashdec precompile: [{i}/{len(ordered)}] {name} for {arch} "
+                  f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+    return len(ordered)

@@ -497,11 +497,22 @@ def _read_entry(path: Path, key: str) -> CompiledModule | None:
     return _decode_entry(data, key)
 
 
+def _new_temp_file(directory: Path, prefix: str) -> tuple[int, str]:
+    """A new file in ``directory`` opened for writing, with mode 0666 less the umask (so other
+    users can read the cache where the umask lets them), where mkstemp would give 0600."""
+    while True:
+        path = os.path.join(directory, f"{prefix}{os.urandom(8).hex()}.tmp")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                           | getattr(os, "O_BINARY", 0), 0o666), path
+        except FileExistsError:
+            continue
+
+
 def _store(directory: Path, module: CompiledModule) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, temp_path = tempfile.mkstemp(prefix=f".{module.key[:16]}.", suffix=".tmp",
-                                         dir=directory)
+        fd, temp_path = _new_temp_file(directory, f".{module.key[:16]}.")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(_encode_entry(module))
