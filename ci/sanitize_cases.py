@@ -19,6 +19,18 @@ from flashdec import DType, TensorRef  # noqa: E402
 from flashdec.reference import TOLERANCE, decode_reference, relative_error  # noqa: E402
 
 
+def _out_beside(q, views, held=[]):
+    """A poisoned Y outside every view's declared span (which reaches past its allocation,
+    where the driver may place a new one): candidates that land inside are kept alive and
+    another is taken."""
+    while True:
+        out = poisoned_like(q)
+        a, b = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+        if all(b <= lo or a >= hi for lo, hi in (view.span_bytes() for view in views)):
+            return out
+        held.append(out)
+
+
 def _exact_allocation_cases(cases: int) -> int:
     """K and V hold exactly seqlens rows (their own cudaMalloc: run with
     PYTORCH_NO_CUDA_MEMORY_CACHING=1) but are seen through a view of a larger capacity, so
@@ -33,13 +45,13 @@ def _exact_allocation_cases(cases: int) -> int:
                 # Q and Y first: K's declared span reaches past its allocation, and Y must not
                 # fall there (flashdec rejects an output overlapping an input's span)
                 q = randn((1, 8, d), dtype, "cuda", gen)
-                outs = [poisoned_like(q) for _ in range(3)]
                 # NHD rows [n, hkv, d], viewed as [1, hkv, cap, d]
                 k = randn((n, hkv, d), dtype, "cuda", gen).to(kv_t)
                 v = randn((n, hkv, d), dtype, "cuda", gen).to(kv_t)
                 views = [TensorRef.from_pointer(t.data_ptr(), DType(kv_dtype), (1, hkv, cap, d),
                                                 (0, d, hkv * d, 1), "cuda:0", owner=t)
                          for t in (k, v)]
+                outs = [_out_beside(q, views) for _ in range(3)]
                 seqlens = torch.tensor([n], dtype=torch.int32, device="cuda")
                 scales = {} if kv_dtype == dtype else {"k_scale": 0.7, "v_scale": 1.3}
                 k_live, v_live = (t.permute(1, 0, 2).unsqueeze(0) for t in (k, v))
