@@ -512,10 +512,22 @@ def test_plot_without_matplotlib(fake_result, tmp_path, monkeypatch, capsys) -> 
     assert not (tmp_path / "x.png").exists()
 
 
-def test_plot_needs_png(tmp_path) -> None:
-    with pytest.raises(SystemExit) as info:
-        bench.main(["--plot", str(tmp_path / "r.json")])
-    assert info.value.code == 2
+def test_plot_without_png_prints_the_table(fake_result, tmp_path, capsys) -> None:
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(fake_result))
+    assert bench.main(["--plot", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out == bench.format_table(fake_result) + "\n"
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("text", ["{}", "[]", '{"rows": 3}', '{"rows": [{"name": 1}]}', "{"])
+def test_plot_of_a_malformed_results_file_is_an_error_not_a_traceback(tmp_path, capsys,
+                                                                      text) -> None:
+    path = tmp_path / "r.json"
+    path.write_text(text)
+    assert bench.main(["--plot", str(path)]) == 2
+    assert "cannot read" in capsys.readouterr().err
 
 
 def test_plot_missing_json(tmp_path, capsys) -> None:

@@ -7,7 +7,7 @@ reference); FlexDecoding (``torch.compile(flex_attention)``, compile outside the
 request (``--peers``: it is 10-30x slower and compiles for minutes). A peer that cannot run a
 row is reported as ``n/a`` with the reason; it never stops the run.
 
-Method (DESIGN.md section 4): CUDA events, median of ``iters`` (>= 50) after a warm-up, cold L2
+Method: CUDA events, median of ``iters`` (>= 50) after a warm-up, cold L2
 by rotating input sets whose bytes total >= 4x the L2, two modes for every implementation and
 row: ``eager`` (a plain Python loop, host dispatch included) and ``graph`` (CUDA-graph replay,
 GPU time). Effective bandwidth is the bytes of K + V (valid rows, the KV dtype's size) + Q + Y
@@ -208,7 +208,7 @@ def parse_shapes(text: str, dtype: str = "bfloat16") -> list[Shape]:
     return shapes
 
 
-# (B, H_q, H_kv, K, D): the DESIGN.md baseline table.
+# (B, H_q, H_kv, K, D): the baseline rows every earlier run measured (bench/results).
 DESIGN_SHAPES = [
     (1, 32, 8, 4096, 128),
     (1, 32, 8, 32768, 128),
@@ -1269,13 +1269,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"{','.join(PEERS)} (default {','.join(DEFAULT_PEERS)}; 'none' "
                              "for flashdec alone)")
     parser.add_argument("--iters", type=int, default=ITERS, help="timed samples per "
-                        f"measurement (default {ITERS}; DESIGN.md asks >= 50)")
+                        f"measurement (default {ITERS}; medians of fewer are noisy)")
     parser.add_argument("--host-calls", type=int, default=HOST_CALLS,
                         help=f"calls in the host-overhead loops (default {HOST_CALLS}; 0 skips)")
     parser.add_argument("--json", default=None, help="write the results here (after every row)")
     parser.add_argument("--png", default=None, help="plot %% of copy bandwidth vs KV size here")
     parser.add_argument("--plot", metavar="JSON", default=None,
-                        help="no GPU: print the table of a results JSON and draw --png from it")
+                        help="no GPU: print the table of a results JSON (and draw --png from it)")
     argv = sys.argv[2:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.png:
@@ -1285,17 +1285,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if args.plot:
-        if not args.png:
-            parser.error("--plot needs --png PATH")
         try:
             with open(args.plot) as f:
                 result = json.load(f)
-        except (OSError, ValueError) as exc:
+            if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+                raise ValueError("not a flashdec bench results file (no list of rows)")
+            table = format_table(result)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             print(f"error: cannot read {args.plot}: {exc}", file=sys.stderr)
             return 2
-        print(format_table(result))
-        plot(result, args.png)
-        print(f"plot: {args.png}", file=sys.stderr)
+        print(table)
+        if args.png:
+            plot(result, args.png)
+            print(f"plot: {args.png}", file=sys.stderr)
         return 0
     try:
         _dtype(args.dtype)
@@ -1316,7 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
               "(--plot JSON --png PATH redraws a plot without one.)", file=sys.stderr)
         return 2
     if args.iters < ITERS:
-        print(f"# note: --iters {args.iters} < {ITERS} (DESIGN.md asks for a median of >= 50)",
+        print(f"# note: --iters {args.iters} < {ITERS}: medians of fewer samples are noisy",
               file=sys.stderr)
     result = run(shapes, ["flashdec"] + peers, iters=args.iters, host_calls=args.host_calls,
                  json_path=args.json, argv=["bench"] + argv)
