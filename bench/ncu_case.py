@@ -15,4 +15,4 @@ p = flashdec.plan(q, k, v, out, backend="cuda", num_splits=splits, **scales)
 for _ in range(3):
     p.run(q, k, v, out)
 torch.cuda.synchronize()
-print(p._runner.fast.spec, p._runner.fast.split)
+print(p)

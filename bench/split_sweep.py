@@ -33,6 +33,7 @@ for text in sys.argv[1:] or SHAPES:
     for splits in SPLITS:
         p = flashdec.plan(q[0], k[0], v[0], out[0], backend="cuda", num_splits=splits, **scales)
         us = _time(lambda i: p.run(q[i], k[i], v[i], out[i]), sets, graph=True, iters=30)
-        split = p._runner.fast.split
-        cells.append(f"{splits or 'auto'}:{us:.1f}({split.num_splits}{'c' if split.combine else ''})")
+        d = p.details
+        combined = "c" if d["merge"] == "combine kernel" else ""
+        cells.append(f"{splits or 'auto'}:{us:.1f}({d['num_splits']}{combined})")
     print(text, f"floor {kv_bytes / 4.2e6:.1f}", " ".join(cells), flush=True)

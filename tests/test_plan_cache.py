@@ -76,3 +76,16 @@ def test_bad_input_is_still_rejected_on_a_cached_layout():
     flashdec.decode(q, k, v, backend="torch")
     with pytest.raises(flashdec.ContractError, match="overlaps"):
         flashdec.decode(q, k, v, q, backend="torch")  # out aliases q
+
+
+def test_plan_details_and_repr_say_how_it_runs():
+    """A plan shows its kernel, split count, merge and workspace as plain values (what tests
+    and scripts read instead of private state), in its repr too."""
+    q, k, v = make_qkv(2, 8, 2, 100, 64, "float32", "cpu", seed=1)
+    p = flashdec.plan(q, k, v, backend="torch")
+    details = p.details
+    assert details == {"kernel": "torch reference (fp32 math)", "num_splits": 1,
+                       "merge": "none", "workspace_bytes": 0}
+    details["kernel"] = "changed"
+    assert p.details["kernel"] != "changed"  # a copy each time
+    assert "kernel='torch reference (fp32 math)'" in repr(p) and "num_splits=1" in repr(p)

@@ -212,8 +212,23 @@ class DecodePlan:
         """Device memory the plan holds for split partials."""
         return self._runner.workspace_bytes
 
+    @property
+    def details(self) -> dict[str, Any]:
+        """How the backend runs this plan, in plain values: ``kernel``, ``num_splits``,
+        ``merge`` (``"none"``, ``"last CTA"``, ``"combine kernel"``), ``workspace_bytes``, and
+        what else the backend says (the cuda backend: ``tensor_cores``, ``split_rows``,
+        ``q_tile``, ``fallback_kernel``). A new dict each time."""
+        describe = getattr(self._runner, "describe", None)  # optional for third-party backends
+        if describe is None:
+            return {"kernel": type(self._runner).__name__, "num_splits": None,
+                    "merge": None, "workspace_bytes": self._runner.workspace_bytes}
+        return dict(describe())
+
     def __repr__(self) -> str:
-        return f"DecodePlan(backend={self.backend.name!r}, problem={self.problem})"
+        d = self.details
+        return (f"DecodePlan(backend={self.backend.name!r}, kernel={d['kernel']!r}, "
+                f"num_splits={d['num_splits']}, merge={d['merge']!r}, "
+                f"workspace_bytes={d['workspace_bytes']}, problem={self.problem})")
 
     def run(self, q: Any, k: Any, v: Any, out: Any = None, *, seqlens: Any = None,
             k_scale: Any = None, v_scale: Any = None, lse_out: Any = None,

@@ -26,6 +26,12 @@ class Runner(Protocol):
 
     def __call__(self, args: DecodeArgs, stream: int | None) -> None: ...
 
+    def describe(self) -> dict[str, Any]:
+        """How the problem runs, in plain values (kernel, num_splits, merge, workspace_bytes):
+        what :attr:`flashdec.DecodePlan.details` shows. Optional: without it a plan shows the
+        runner's class name."""
+        ...
+
 
 class Backend:
     """Base class of a backend. The frontend validates; a backend never re-checks shapes."""

@@ -48,8 +48,9 @@ def test_combine_kernel_merges_many_splits_deterministically(dtype, kv_dtype, sp
         scales = {"k_scale": 0.5, "v_scale": 2.0}
     lse = torch.full((1, 16), float("nan"), device="cuda")
     p = flashdec.plan(q, k, v, backend="cuda", num_splits=splits, lse_out=lse, **scales)
-    split = p._runner.fast.split
-    assert split.combine and split.num_splits > (64 if splits is None else 1)
+    details = p.details
+    assert details["merge"] == "combine kernel"
+    assert details["num_splits"] > (64 if splits is None else 1)
     out, lse = p.run(q, k, v, poisoned_like(q), lse_out=lse)
     _check(out, lse, _reference(q, k, v, **scales))
     again, _ = p.run(q, k, v, poisoned_like(q), lse_out=torch.empty_like(lse))
@@ -66,8 +67,6 @@ def test_mma_kernel_serves_head_dims_not_multiples_of_64(head_dim, kv_dtype):
     """head_dims that are multiples of 16 but not of 64 take the tensor-core kernel (fp8
     rounds the MMA width up to 32 with zero padding) and match the reference, with one split
     and with several."""
-    from flashdec.backends.cuda._kernels import MmaSpec
-
     q, k, v = make_qkv(2, 12, 2, 1500, head_dim, "bfloat16", "cuda", seed=head_dim)
     scales = {}
     if kv_dtype != "bfloat16":
@@ -75,7 +74,7 @@ def test_mma_kernel_serves_head_dims_not_multiples_of_64(head_dim, kv_dtype):
         scales = {"k_scale": 1.0, "v_scale": 1.0}
     for splits in (1, 7):
         p = flashdec.plan(q, k, v, backend="cuda", num_splits=splits, **scales)
-        assert isinstance(p._runner.fast.spec, MmaSpec), p._runner.fast.spec
+        assert p.details["tensor_cores"], p
         assert_close(p.run(q, k, v, poisoned_like(q)), q, k, v, **scales)
 
 
@@ -87,7 +86,7 @@ def test_q_tile_by_plain_loads_when_rows_are_not_16_byte_chunks():
     q_odd.copy_(q_wide)
     fast = flashdec.plan(q_wide, k, v, backend="cuda")
     slow = flashdec.plan(q_odd, k, v, backend="cuda")
-    assert fast._runner.fast.params.q_vector == 1 and slow._runner.fast.params.q_vector == 0
+    assert fast.details["q_tile"] == "cp.async" and slow.details["q_tile"] == "loads"
     a, b = fast.run(q_wide, k, v, poisoned_like(q_wide)), slow.run(q_odd, k, v, poisoned_like(q_wide))
     assert torch.equal(a.view(torch.int16), b.view(torch.int16))
     assert_close(b, q_wide, k, v)
@@ -190,14 +189,12 @@ def test_second_device():
 
 
 def test_aligned_16bit_problems_take_the_mma_kernel():
-    from flashdec.backends.cuda._kernels import MmaSpec
-
     for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
         q, k, v = make_qkv(1, 32, 8, 1024, 128, "bfloat16", "cuda", seed=11)
         k, v = k.to(kv_dtype), v.to(kv_dtype)
         scales = {} if kv_dtype == torch.bfloat16 else {"k_scale": 1.0, "v_scale": 1.0}
         p = flashdec.plan(q, k, v, backend="cuda", **scales)
-        assert isinstance(p._runner.fast.spec, MmaSpec), p._runner.fast.spec
+        assert p.details["tensor_cores"], p
 
 
 def _reference(q, k, v, **features):

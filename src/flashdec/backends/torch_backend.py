@@ -55,6 +55,10 @@ class _Runner:
         self.torch = torch
         self.problem = problem
 
+    def describe(self) -> dict[str, Any]:
+        return {"kernel": "torch reference (fp32 math)", "num_splits": 1, "merge": "none",
+                "workspace_bytes": 0}
+
     def __call__(self, args: DecodeArgs, stream: int | None) -> None:
         # no history even for a view built by hand over a tensor that requires grad (the
         # frontend refuses such tensors): results never carry autograd history, as on cuda

@@ -210,6 +210,19 @@ class _Runner:
         return self.fast.workspace_bytes + (self.slow.workspace_bytes if self.slow not in
                                             (None, self.fast) else 0)
 
+    def describe(self) -> dict[str, Any]:
+        """The launch for 16-byte aligned K/V pointers (a misaligned view takes the
+        element-wise kernel, ``fallback_kernel``, with its own layout)."""
+        launch, split = self.fast, self.fast.split
+        merge = ("none" if split.num_splits == 1 else "combine kernel" if split.combine
+                 else "last CTA")
+        return {"kernel": launch.spec.name_expression.removeprefix("flashdec::"),
+                "tensor_cores": isinstance(launch.spec, MmaSpec),
+                "num_splits": split.num_splits, "split_rows": split.split_rows,
+                "merge": merge, "q_tile": "cp.async" if launch.params.q_vector else "loads",
+                "workspace_bytes": self.workspace_bytes,
+                "fallback_kernel": self.slow_spec.name_expression.removeprefix("flashdec::")}
+
     def __call__(self, args: DecodeArgs, stream: int | None) -> None:
         host = self.host_seqlens and args.seqlens is not None
         if host:
