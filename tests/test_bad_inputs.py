@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import flashdec
-from flashdec import BackendUnavailableError, ContractError, TensorMut, TensorRef, UnsupportedError
+from flashdec import ContractError, TensorMut, TensorRef
 from flashdec.reference import (LSE_TOLERANCE, TOLERANCE, decode_reference, lse_error,
                                 merge_reference, relative_error)
 

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from . import __version__, _env, available_backends, decode, precompile
+from . import __version__, _env, available_backends, plan, precompile
 from ._errors import FlashDecError
 from ._registry import check_choice
 from .reference import decode_reference
@@ -63,8 +63,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     kv_shape = (s["batch"], s["num_kv_heads"], s["kv_len"], s["head_dim"])
     k = torch.randn(kv_shape, generator=gen).to(device, dtype)
     v = torch.randn(kv_shape, generator=gen).to(device, dtype)
-    from ._api import plan
-
     p = plan(q, k, v, backend=args.backend)
     out = p.run(q, k, v)  # warm-up: kernel load, first-touch
     if device == "cuda":

@@ -16,9 +16,10 @@ from ..._errors import ContractError
 from ..._registry import Backend
 from ..._views import Device, TensorMut, TensorRef
 from . import _driver
-from ._kernels import (DEFAULT_BANDWIDTH, MAX_HEAD_DIM, MAX_MERGE_PARTS, MAX_SPLITS,
-                       SUSTAINED_DRAM_FRACTION, THREADS, VECTOR_BYTES, KernelSpec, choose_kernels, combine_grid, combine_kernel, kernels_for,
-                       kv_dtypes_for, merge_kernel, source, split_layout, workspace_layout)
+from ._kernels import (DEFAULT_BANDWIDTH, MAX_HEAD_DIM, MAX_MERGE_PARTS,
+                       SUSTAINED_DRAM_FRACTION, THREADS, VECTOR_BYTES, KernelSpec, MmaSpec,
+                       choose_kernels, combine_grid, combine_kernel, kernels_for, kv_dtypes_for,
+                       merge_kernel, source, split_layout, workspace_layout)
 
 __all__ = ["CudaBackend", "precompile"]
 
