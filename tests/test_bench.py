@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flashdec import bench
-from flashdec.bench import Shape, default_shapes, parse_shapes
+from flashdec.bench import Shape, compare, default_shapes, measure, parse_shapes, runner
 
 COPY_BPS = 3.0e12
 
@@ -145,8 +145,8 @@ def test_default_rows_head_dim_twins() -> None:
     by_name = {r.name: r for r in rows}
     for r in rows:
         if r.head_dim != 128 and r.name not in orphans:
-            (twin,) = [t for what, t in bench._twin_candidates(bench.row_info(r, 2, None)["shape"])
-                       if what.startswith("D=")]
+            shape = bench.row_info(r, 2, None)["shape"]
+            (twin,) = [t for what, t in compare._twin_candidates(shape) if what.startswith("D=")]
             assert by_name[twin].kv_bytes() == r.kv_bytes(), (r.name, twin)
             assert by_name[twin].variant == r.variant
 
@@ -222,12 +222,12 @@ def test_make_inputs_cpu() -> None:
 
 
 def test_reason_is_one_short_line() -> None:
-    text = bench._reason(RuntimeError("No available kernel. Aborting execution.\nmore"),
-                         [type("W", (), {"message": "Flash attention does not support\n"
-                                                    "non-null attn_mask."})()])
+    text = bench.na_reason(RuntimeError("No available kernel. Aborting execution.\nmore"),
+                           [type("W", (), {"message": "Flash attention does not support\n"
+                                                      "non-null attn_mask."})()])
     assert text == ("RuntimeError: No available kernel. Aborting execution. "
                     "[Flash attention does not support non-null attn_mask.]")
-    assert len(bench._reason(ValueError("x" * 1000))) <= 240
+    assert len(bench.na_reason(ValueError("x" * 1000))) <= 240
 
 
 # -- summary, table, plot on a fake result --------------------------------------------------------
@@ -248,7 +248,7 @@ def _row(spec, times):
             for mode, us in zip(bench.MODES, t):
                 cells[mode] = _cell(us)
                 if us:
-                    cells[mode].update(bench._rates(us, row["bytes"], COPY_BPS))
+                    cells[mode].update(measure._rates(us, row["bytes"], COPY_BPS))
             row["impls"][name] = {**cells, "compile_s": 0.1, "err": 1e-3, "note": None}
     return row
 
@@ -423,7 +423,7 @@ def test_targets_all_met(target_result) -> None:
             continue
         for mode in bench.MODES:
             us = 0.99 * row["floor_us"] if row["floor_us"] > 10 else 5.0
-            res[mode].update(us=us, **bench._rates(us, row["bytes"], COPY_BPS))
+            res[mode].update(us=us, **measure._rates(us, row["bytes"], COPY_BPS))
     target_result["rows"] = [r for r in target_result["rows"]
                              if r["impls"].get("flashdec", {}).get("graph", {}).get("us")]
     checks = bench.targets(target_result)
@@ -559,15 +559,15 @@ def test_no_gpu_exits_cleanly(capsys) -> None:
 
 def test_run_end_to_end_on_cpu_with_fake_timers(tmp_path, monkeypatch, capsys) -> None:
     """The glue of run(): progress, JSON after every row, summary, table, plot."""
-    monkeypatch.setattr(bench, "copy_bandwidth", lambda iters=bench.ITERS: COPY_BPS)
-    monkeypatch.setattr(bench, "host_overhead", lambda calls: {
+    monkeypatch.setattr(runner, "copy_bandwidth", lambda iters=bench.ITERS: COPY_BPS)
+    monkeypatch.setattr(runner, "host_overhead", lambda calls: {
         "problem": {"batch": 1, "heads": 8, "kv_heads": 8, "kv_len": 16, "head_dim": 64,
                     "dtype": "bfloat16"}, "calls": calls, "us_per_call": {"plan.run": 4.0},
         "na": {"decode": "BackendUnavailableError: no GPU"}})
     def timer(fn, sets, graph, iters):
         fn(sets - 1)
         return [31.0 if graph else 30.0] * iters
-    monkeypatch.setattr(bench, "time_samples", timer)
+    monkeypatch.setattr(measure, "time_samples", timer)
     shapes = parse_shapes("2,8,2,64,32;2,8,2,128,32,ragged;2,8,2,64,32,bf16,fp8")
     path = tmp_path / "r.json"
     log = tmp_path / "log.txt"
@@ -620,10 +620,10 @@ def _interpreter_index_shim(monkeypatch) -> None:
 
 @pytest.fixture
 def triton_peer(monkeypatch):
-    """``(flashdec._bench_triton, device)``: compiled for the GPU when there is one, else run by
-    Triton's interpreter on CPU tensors (see the ``TRITON_INTERPRET`` lines at the top)."""
+    """``(flashdec.bench.triton_peer, device)``: compiled for the GPU when there is one, else
+    run by Triton's interpreter on CPU tensors (see the ``TRITON_INTERPRET`` lines at the top)."""
     pytest.importorskip("triton", reason=TRITON_SKIP)
-    from flashdec import _bench_triton as mod
+    from flashdec.bench import triton_peer as mod
     if torch.cuda.is_available():
         return mod, "cuda"
     from triton.runtime.interpreter import InterpretedFunction
@@ -746,10 +746,9 @@ def test_triton_peer_in_bench_row(triton_peer) -> None:
 
 
 def test_triton_peer_not_installed(monkeypatch) -> None:
-    import flashdec
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ModuleNotFoundError
-    monkeypatch.delitem(sys.modules, "flashdec._bench_triton", raising=False)
-    monkeypatch.delattr(flashdec, "_bench_triton", raising=False)
+    monkeypatch.delitem(sys.modules, "flashdec.bench.triton_peer", raising=False)
+    monkeypatch.delattr(bench, "triton_peer", raising=False)
     inp = bench.make_inputs(Shape.make(1, 4, 2, 16, 64), 1, device="cpu")
     assert bench.build_impl("triton", inp).na == "triton is not installed"
 

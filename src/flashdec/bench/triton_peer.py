@@ -6,8 +6,9 @@ padded to at least 16 rows so ``tl.dot`` applies), streams its split's K/V in ``
 tiles with an online softmax in base 2 (fp32) and writes a partial ``(o, m, l)`` per split to
 an fp32 workspace. Kernel 2 (grid ``B x H_q``) merges the splits into Y in Q's dtype.
 
-Not part of flashdec's API: only :mod:`flashdec.bench` uses it, and triton stays an optional
-package (the bench reports the peer ``n/a`` without it). Importing this module imports triton.
+Not part of flashdec's API: only :mod:`flashdec.bench.peers` uses it, and triton stays an
+optional package (the bench reports the peer ``n/a`` without it). Importing this module imports
+triton, so :mod:`flashdec.bench` does not import it.
 
 With ``TRITON_INTERPRET=1`` set before the import, Triton's interpreter runs the kernels on CPU
 tensors (slowly): the tests do that on machines without a GPU.
