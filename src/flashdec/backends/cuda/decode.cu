@@ -11,8 +11,9 @@
 // Softmax runs online in base 2 (scores carry log2 e).
 //
 // Two kernels share the parameters and the epilogue:
-// - decode_mma_kernel (16-bit Q, K/V 16-bit or fp8, head_dim a multiple of 16 in [32, 256],
-//   16-byte aligned rows with unit innermost stride): each of the 4 warps streams its own
+// - decode_mma_kernel (16-bit Q, K/V 16-bit or fp8, head_dim a multiple of 16 in [32, 256]
+//   (the host ships _kernels.MMA_HEAD_DIMS), 16-byte aligned rows with unit innermost
+//   stride): each of the 4 warps streams its own
 //   16-row blocks of K and V through a private cp.async ring of STAGES blocks (no CTA barrier
 //   in the loop), and computes S = Q K^T and O += P V with mma.sync m16n8k16, the group tile's
 //   16 query heads in M (rows past the group are zero). fp8 blocks stay fp8 in shared memory:
