@@ -25,9 +25,8 @@ import sys
 import torch
 
 import flashdec
-import flashdec.backends.cuda as cuda_backend
 from case import make_case
-from flashdec.backends.cuda import _driver, _kernels
+from flashdec.backends.cuda import _driver, _kernels, _launch, _modules
 from flashdec.bench import rotation_sets, time_samples
 
 
@@ -52,7 +51,7 @@ def build(case: tuple, sets: list, settings: dict):
                               runner.problem.head_dim,
                               _kernels._simt_group_tile(runner.problem.group_size))
     if spec is not runner.fast.spec:
-        runner.fast = cuda_backend._Launch(runner, spec, settings.get("splits"))
+        runner.fast = _launch.Launch(runner, spec, settings.get("splits"))
     launch = runner.fast
     if "combine" in settings:
         on = bool(settings["combine"]) and launch.split.num_splits > 1
@@ -61,7 +60,7 @@ def build(case: tuple, sets: list, settings: dict):
         launch.combine = None
         if on:
             problem = runner.problem
-            fn = cuda_backend._function(_kernels.combine_kernel(problem.dtype, problem.head_dim),
+            fn = _modules.load_kernel(_kernels.combine_kernel(problem.dtype, problem.head_dim),
                                         runner.device)
             launch.combine = _driver.LaunchEx(
                 runner.device, fn, _kernels.combine_grid(problem, launch.spec, launch.split),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import flashdec
-import flashdec.backends.cuda as cuda_backend
+from flashdec.backends.cuda import _modules
 from case import make_case
 from flashdec.backends.cuda import _driver
 
@@ -26,8 +26,8 @@ SLOT = {"entry": 0, "first_kv": 1, "loop_done": 2, "published": 3, "done": 4, "q
         "merge_fenced": 6, "ml_loaded": 8, "weighted": 9, "states_done": 10, "fenced": 11,
         "rows_known": 12, "kv_issued": 13}
 
-_source = cuda_backend.source
-cuda_backend.source = lambda: "#define FLASHDEC_TRACE 1\n" + _source()
+_source = _modules.source
+_modules.source = lambda: "#define FLASHDEC_TRACE 1\n" + _source()
 
 
 def graph_us(fn, flush, reps=30) -> float:

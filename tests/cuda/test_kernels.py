@@ -92,9 +92,9 @@ def test_params_structs_and_smem_sizes_match_decode_cu():
 
 
 def test_precompile_with_explicit_arch_needs_no_gpu(tmp_path, monkeypatch):
-    import flashdec.backends.cuda as cuda_backend
+    from flashdec.backends.cuda import _modules
 
-    monkeypatch.setattr(cuda_backend, "_compiled", {})  # kernels earlier tests compiled
+    monkeypatch.setattr(_modules, "_compiled", {})  # kernels earlier tests compiled
     n = precompile(dtypes=["bfloat16"], head_dims=[128, 72], group_sizes=[4], arch="sm_90")
     assert n == 6  # MMA + element-wise SIMT for D=128, 16-byte + element-wise SIMT for D=72,
     # the float4 combine kernel both share, and merge_states

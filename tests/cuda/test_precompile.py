@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("cuda.core", reason="cuda-python is not installed (pip install 'flashdec[cuda]')")
 
 import flashdec  # noqa: E402
-import flashdec.backends.cuda as cuda_backend  # noqa: E402
+from flashdec.backends.cuda import _modules  # noqa: E402
 from flashdec import CacheError, ContractError, DType  # noqa: E402
 from flashdec.backends.cuda import _compiler  # noqa: E402
 from flashdec.backends.cuda._compiler import clear_memory_cache, compile_cubin  # noqa: E402
@@ -26,7 +26,7 @@ SMALL = dict(dtypes=["bfloat16"], head_dims=[64], group_sizes=[4], arch="sm_90")
 def cache(tmp_path, monkeypatch):
     """A private cache, and no kernels this process compiled before."""
     monkeypatch.setenv("FLASHDEC_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(cuda_backend, "_compiled", {})
+    monkeypatch.setattr(_modules, "_compiled", {})
     clear_memory_cache()
     yield tmp_path / "cache" / "kernels"
     clear_memory_cache()
@@ -37,7 +37,7 @@ def no_compile(monkeypatch):
     """Any compile fails the test: the argument checks must come first."""
     def refuse(name, arch):
         raise AssertionError(f"compiled {name} for {arch} although an argument is bad")
-    monkeypatch.setattr(cuda_backend, "_compile", refuse)
+    monkeypatch.setattr(_modules, "compile_kernel", refuse)
 
 
 def test_signature_is_typed_and_documented() -> None:
@@ -151,7 +151,7 @@ def test_fp8_pairs_skip_float32_and_merge_kernels_cover_every_dtype(monkeypatch)
         compiled.append(name)
         return Module(name)
 
-    monkeypatch.setattr(cuda_backend, "_compile", record)
+    monkeypatch.setattr(_modules, "compile_kernel", record)
     monkeypatch.setattr(_compiler, "_store",
                         lambda directory, module: (directory / f"{module.key}.cubin").touch())
     count = flashdec.precompile(dtypes=["float16", "float32"], kv_dtypes=["float8_e5m2"],
