@@ -316,8 +316,10 @@ def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
     """The split count with the lowest :func:`split_cost`, every split a whole number of CTA
     tiles and at least MIN_SPLIT_ROWS rows (with ``seqlens``, then RAGGED_SPLIT_FACTOR times
     smaller: live lengths vary, and small splits let the short rows balance out);
-    ``num_splits`` (1..MAX_SPLITS) overrides the count. Depends on the capacity K_len only,
-    never on live ``seqlens`` values, so a captured graph stays valid."""
+    ``num_splits`` (1..MAX_SPLITS) overrides the count. ``bandwidth``: bytes/s the device
+    streams (the runner passes its DRAM peak x SUSTAINED_DRAM_FRACTION). Depends on the
+    capacity K_len only, never on live ``seqlens`` values, so a captured graph stays valid.
+    The search evaluates every distinct count (under a millisecond), once per plan."""
     tiles = math.ceil(problem.group_size / spec.group_tile)
     kv_len = problem.kv_len
     base = problem.batch * problem.num_kv_heads * tiles
