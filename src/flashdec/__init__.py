@@ -19,7 +19,7 @@ from ._dtypes import DType
 from ._errors import (BackendUnavailableError, CacheError, CompilationError, ContractError,
                       CudaError, FlashDecError, UnsupportedError)
 from ._registry import Backend, available_backends, get_backend, register_backend
-from ._views import Device, TensorMut, TensorRef
+from ._views import Device, Tensor, TensorMut, TensorRef
 from . import backends as _backends  # registers the built-in backends
 
 
@@ -90,6 +90,7 @@ __all__ = [
     "Device",
     "TensorRef",
     "TensorMut",
+    "Tensor",
     "available_backends",
     "get_backend",
     "register_backend",

@@ -16,7 +16,7 @@ from ._dtypes import DType
 from ._errors import ContractError
 from ._registry import Backend, Runner, select_backend
 from ._streams import dlpack_stream, stream_handle, torch_current_stream
-from ._views import Device, TensorMut, TensorRef, extent_bytes
+from ._views import Device, Lengths, Scale, Tensor, TensorMut, TensorRef, extent_bytes
 
 __all__ = ["decode", "plan", "DecodePlan", "merge_states"]
 
@@ -230,9 +230,10 @@ class DecodePlan:
                 f"num_splits={d['num_splits']}, merge={d['merge']!r}, "
                 f"workspace_bytes={d['workspace_bytes']}, problem={self.problem})")
 
-    def run(self, q: Any, k: Any, v: Any, out: Any = None, *, seqlens: Any = None,
-            k_scale: Any = None, v_scale: Any = None, lse_out: Any = None,
-            stream: Any = None) -> Any:
+    def run(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
+            seqlens: Lengths | None = None, k_scale: Tensor | None = None,
+            v_scale: Tensor | None = None, lse_out: Tensor | None = None,
+            stream: Any = None) -> Tensor | tuple[Tensor, Tensor]:
         """Decode with tensors of the planned layout; returns what :func:`decode` would.
 
         ``seqlens``, ``k_scale``/``v_scale`` tensors and ``lse_out`` are passed here exactly
@@ -296,10 +297,12 @@ def _validated(q: Any, k: Any, v: Any, out: Any, seqlens: Any, k_scale: Any, v_s
     return args, problem, select_backend(backend, problem)
 
 
-def plan(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
-         softcap: float | None = None, window_left: int | None = None, seqlens: Any = None,
-         k_scale: Any = None, v_scale: Any = None, return_lse: bool = False,
-         lse_out: Any = None, backend: str | None = None, **options: Any) -> DecodePlan:
+def plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
+         scale: float | None = None, softcap: float | None = None,
+         window_left: int | None = None, seqlens: Lengths | None = None,
+         k_scale: Scale | None = None, v_scale: Scale | None = None, return_lse: bool = False,
+         lse_out: Tensor | None = None, backend: str | None = None,
+         **options: Any) -> DecodePlan:
     """Validate once, choose the backend, prepare kernels and workspace; see :func:`decode`.
 
     ``out`` fixes Y's layout; without it Y is planned as a fresh row-major tensor like Q (and
@@ -322,11 +325,12 @@ def plan(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
     return DecodePlan(problem, chosen, chosen.prepare(problem, planned, parsed), planned)
 
 
-def decode(q: Any, k: Any, v: Any, out: Any = None, *, scale: float | None = None,
-           softcap: float | None = None, window_left: int | None = None, seqlens: Any = None,
-           k_scale: Any = None, v_scale: Any = None, return_lse: bool = False,
-           lse_out: Any = None, backend: str | None = None, stream: Any = None,
-           **options: Any) -> Any:
+def decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
+           scale: float | None = None, softcap: float | None = None,
+           window_left: int | None = None, seqlens: Lengths | None = None,
+           k_scale: Scale | None = None, v_scale: Scale | None = None,
+           return_lse: bool = False, lse_out: Tensor | None = None, backend: str | None = None,
+           stream: Any = None, **options: Any) -> Tensor | tuple[Tensor, Tensor]:
     """One decode step of attention: ``Y[b, h] = softmax(s) . V[b, g]`` over the keys ``j`` of
     ``[lo_b, L_b)``, with ``s_j = softcap * tanh(scale * Q[b, h] . K[b, g, j] / softcap)``.
 
@@ -495,8 +499,9 @@ def _parts(x: Any, name: str, stacked_rank: int, axes: str,
                         f"got {type(x).__name__}")
 
 
-def merge_states(outputs: Any, lses: Any, *, out: Any = None, lse_out: Any = None,
-                 backend: str | None = None, stream: Any = None) -> tuple[Any, Any]:
+def merge_states(outputs: Tensor | Sequence[Tensor], lses: Tensor | Sequence[Tensor], *,
+                 out: Tensor | None = None, lse_out: Tensor | None = None,
+                 backend: str | None = None, stream: Any = None) -> tuple[Tensor, Tensor]:
     """Merge attention states of the same queries over disjoint key sets:
     ``Y = sum_i w_i Y_i / sum_i w_i`` and ``LSE = m + log(sum_i w_i)`` with
     ``w_i = exp(lse_i - m)``, ``m = max_i lse_i``.

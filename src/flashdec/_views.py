@@ -9,13 +9,27 @@ themselves, so any framework can read them back.
 from __future__ import annotations
 
 import sys
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence, Union
 
 from . import _dlpack
 from ._dtypes import DType
 from ._errors import ContractError
 
-__all__ = ["Device", "TensorRef", "TensorMut"]
+__all__ = ["Device", "TensorRef", "TensorMut", "Tensor", "Lengths", "Scale"]
+
+
+class Tensor(Protocol):
+    """What flashdec reads and writes: any DLPack exporter (torch, NumPy, CuPy and JAX arrays,
+    flashdec's own :class:`TensorMut`). Torch tensors are read through their own accessors,
+    the rest through ``__dlpack__``; the contract (README) says which shapes and dtypes."""
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def __dlpack_device__(self) -> Any: ...
+
+
+Lengths = Union[Tensor, Sequence[int]]  # seqlens: an int32 [B] tensor, or host ints
+Scale = Union[float, Tensor]            # k_scale / v_scale: one float, or a float32 [H_kv]
 
 
 class Device(NamedTuple):
