@@ -182,13 +182,38 @@ __device__ __forceinline__ void store_y(const DecodeParams& p, int b, long long 
     out[b * p.out_stride[0] + h * p.out_stride[1] + e * p.out_stride[2]] = Elem<T>::store(y);
 }
 
+// What multiplies a head's weighted sum of V: v_scale / sum, 0 for an empty row.
+__device__ __forceinline__ float scale_over_sum(float sum, float vs) {
+    return sum == 0.f ? 0.f : vs / sum;
+}
+
 // LSE[b, h] from the base-2 max and the sum; -inf for an empty row. Returns v_scale / sum.
 __device__ __forceinline__ float finish_head(const DecodeParams& p, int b, long long h, float mx,
                                              float sum, float vs) {
     if (p.lse != nullptr)
         p.lse[b * p.lse_stride[0] + h * p.lse_stride[1]] =
             sum == 0.f ? FLASHDEC_NEG_INF : (mx + log2f(sum)) * FLASHDEC_LN2;
-    return sum == 0.f ? 0.f : vs / sum;
+    return scale_over_sum(sum, vs);
+}
+
+// One head's split weights, by one warp: mx = max_s m[s], w[s] = exp2(m[s] - mx) and
+// sum = sum_s w[s] l[s] over the splits s (element s at s * stride; w may be m or l, each
+// element read before it is written). Lanes stride the splits and reduce in a fixed shuffle
+// order (deterministic); mx and sum end up in every lane.
+__device__ __forceinline__ void split_weights(const float* m, const float* l, float* w, int stride,
+                                              int num_splits, int lane, float& mx, float& sum) {
+    mx = FLASHDEC_NEG_INF;
+    for (int s = lane; s < num_splits; s += 32) mx = nan_max(mx, m[s * stride]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    sum = 0.f;
+    for (int s = lane; s < num_splits; s += 32) {
+        const float ws = rescale(m[s * stride], mx);
+        sum = fmaf(ws, l[s * stride], sum);
+        w[s * stride] = ws;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
 }
 
 // Shared memory the epilogue's split merge needs, for a group tile of GT heads (the split
@@ -299,22 +324,11 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
     }
     __syncthreads();
     FLASHDEC_TRACE_POINT(8);
-    // A warp per head: the max and the weights exp2(m_s - max) over the splits, lanes
-    // striding the splits, reduced in a fixed shuffle order (deterministic).
+    // A warp per head: the weights replace the split sums in ms.w.
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int j = warp; j < heads; j += kThreads / 32) {
-        float mx = FLASHDEC_NEG_INF;
-        for (int s = lane; s < p.num_splits; s += 32) mx = nan_max(mx, split_m[s][j]);
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        float sum = 0.f;
-        for (int s = lane; s < p.num_splits; s += 32) {
-            const float w = rescale(split_m[s][j], mx);
-            sum = fmaf(w, ms.w[s][j], sum);
-            ms.w[s][j] = w;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        float mx, sum;
+        split_weights(&split_m[0][j], &ms.w[0][j], &ms.w[0][j], GT, p.num_splits, lane, mx, sum);
         __syncwarp();
         if (lane == 0) ms.inv[j] = finish_head(p, b, head0 + j, mx, sum, vs);
     }
@@ -1148,27 +1162,13 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
         sm_l[s] = __ldcg(all_ml + s * group_tile * 2 + 1);
     }
     __syncthreads();
-    if (threadIdx.x < 32) {  // one warp: max, weights exp2(m_s - max), sum, in a fixed order
+    if (threadIdx.x < 32) {  // one warp: the weights replace the maxima in sm_w
         const int lane = threadIdx.x;
-        float mx = FLASHDEC_NEG_INF;
-        for (int s = lane; s < S; s += 32) mx = nan_max(mx, sm_w[s]);
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        float sum = 0.f;
-        for (int s = lane; s < S; s += 32) {
-            const float w = rescale(sm_w[s], mx);
-            sum = fmaf(w, sm_l[s], sum);
-            sm_w[s] = w;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (lane == 0) {
+        float mx, sum;
+        split_weights(sm_w, sm_l, sm_w, 1, S, lane, mx, sum);
+        if (lane == 0) {  // the first chunk's CTA writes LSE
             const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
-            if (chunk == 0) {
-                sm_inv = finish_head(p, b, head, mx, sum, vs);
-            } else {
-                sm_inv = sum == 0.f ? 0.f : vs / sum;
-            }
+            sm_inv = chunk == 0 ? finish_head(p, b, head, mx, sum, vs) : scale_over_sum(sum, vs);
         }
     }
     __syncthreads();
