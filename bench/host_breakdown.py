@@ -25,7 +25,7 @@ pieces = {
     "pointers": lambda: fast.pointers(args),
     "current stream": lambda: torch_current_stream(0),
     "run_pointers": lambda: runner.run_pointers(ptrs, stream),
-    "kernel launch": lambda: launch.kernel(stream, launch.params_address),
+    "kernel launch": lambda: launch.kernel.run(stream, launch.params_address),
     "cuLaunchKernel": lambda: _driver.driver.cuLaunchKernel(
         launch.kernel.func.handle, *launch.kernel.grid, 128, 1, 1,
         launch.kernel.func.dynamic_smem, _driver._stream(stream), launch.params_address, 0),

@@ -9,6 +9,7 @@ primary context (the one torch, CuPy and JAX use).
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -194,17 +195,24 @@ def launch(device: DeviceInfo, func: Function, grid: tuple[int, int, int], block
             params_address, 0)
     (result,) = driver.cuLaunchKernel(*args)
     if result != driver.CUresult.CUDA_SUCCESS:
-        with ContextGuard(device):
-            (result,) = driver.cuLaunchKernel(*args)
+        _retry_in_context(device, lambda: driver.cuLaunchKernel(*args),
+                          f"cuLaunchKernel({func.name}) grid {grid}")
+
+
+def _retry_in_context(device: DeviceInfo, call: Any, what: str) -> None:
+    """A launch failed: retry it with the device's primary context pushed (another context
+    was current), and raise CudaError naming ``what`` if it fails again."""
+    with ContextGuard(device):
+        (result,) = call()
     if result != driver.CUresult.CUDA_SUCCESS:
         name = _name(result)
-        raise CudaError(f"cuLaunchKernel({func.name}) grid {grid} on device {device.index} "
-                        f"failed: {name}", name)
+        raise CudaError(f"{what} on device {device.index} failed: {name}", name)
 
 
 class LaunchEx:
-    """A kernel launched through ``cuLaunchKernelEx`` when it has launch attributes, its
-    configuration built once; a call sets the stream.
+    """A kernel with its grid, launched by ``run(stream, params_address)``: through
+    ``cuLaunchKernelEx`` when it has launch attributes (its configuration built once, a call
+    sets the stream), else a plain :func:`launch` with no wrapper frame on the per-call path.
 
     ``dependent``: programmatic stream serialization (Hopper and newer; a plain launch
     before), so its CTAs may start while the previous kernel of the stream finishes, and
@@ -213,32 +221,28 @@ class LaunchEx:
     def __init__(self, device: DeviceInfo, func: Function, grid: tuple[int, int, int],
                  block: int, *, dependent: bool = False) -> None:
         self.device, self.func, self.grid, self.block = device, func, grid, block
-        self.extended = dependent and int(device.arch.removeprefix("sm_")) >= 90
-        if self.extended:
-            attr = driver.CUlaunchAttribute()
-            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            attr.value.programmaticStreamSerializationAllowed = 1
-            config = self.config = driver.CUlaunchConfig()
-            config.gridDimX, config.gridDimY, config.gridDimZ = grid
-            config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
-            config.sharedMemBytes = func.dynamic_smem
-            config.attrs = [attr]
-            config.numAttrs = 1
-
-    def __call__(self, stream: int, params_address: int) -> None:
-        if not self.extended:
-            launch(self.device, self.func, self.grid, self.block, stream, params_address)
+        if not (dependent and int(device.arch.removeprefix("sm_")) >= 90):
+            self.run = functools.partial(launch, device, func, grid, block)
             return
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        config = self.config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
+        config.sharedMemBytes = func.dynamic_smem
+        config.attrs = [attr]
+        config.numAttrs = 1
+        self.run = self._run_extended
+
+    def _run_extended(self, stream: int, params_address: int) -> None:
         self.config.hStream = _stream(stream)
         (result,) = driver.cuLaunchKernelEx(self.config, self.func.handle, params_address, 0)
         if result != driver.CUresult.CUDA_SUCCESS:
-            with ContextGuard(self.device):
-                (result,) = driver.cuLaunchKernelEx(self.config, self.func.handle,
-                                                    params_address, 0)
-        if result != driver.CUresult.CUDA_SUCCESS:
-            name = _name(result)
-            raise CudaError(f"cuLaunchKernelEx({self.func.name}) grid {self.grid} on device "
-                            f"{self.device.index} failed: {name}", name)
+            _retry_in_context(
+                self.device,
+                lambda: driver.cuLaunchKernelEx(self.config, self.func.handle, params_address, 0),
+                f"cuLaunchKernelEx({self.func.name}) grid {self.grid}")
 
 
 class DeviceAllocation:

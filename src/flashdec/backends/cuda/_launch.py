@@ -172,9 +172,9 @@ class Runner:
         p = launch.params
         p.q, p.k, p.v, p.out, p.lse, p.k_scale, p.v_scale = q, k, v, out, lse, k_scale, v_scale
         p.seqlens = self.seqlens_ptr if host_seqlens else seqlens
-        launch.kernel(stream, launch.params_address)
+        launch.kernel.run(stream, launch.params_address)
         if launch.combine is not None:
-            launch.combine(stream, launch.params_address)
+            launch.combine.run(stream, launch.params_address)
 
     def _upload_seqlens(self, seqlens: TensorRef, stream: int) -> None:
         import numpy
