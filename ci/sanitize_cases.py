@@ -19,10 +19,11 @@ from flashdec import DType, TensorRef  # noqa: E402
 from flashdec.reference import TOLERANCE, decode_reference, relative_error  # noqa: E402
 
 
-def _out_beside(q, views, held=[]):
+def _out_beside(q, views):
     """A poisoned Y outside every view's declared span (which reaches past its allocation,
-    where the driver may place a new one): candidates that land inside are kept alive and
-    another is taken."""
+    where the driver may place a new one): candidates that land inside are kept alive until
+    one lands outside, so the driver cannot hand the same address back."""
+    held = []
     while True:
         out = poisoned_like(q)
         a, b = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
