@@ -7,6 +7,7 @@ import time
 import torch
 
 import flashdec
+from flashdec import DecodeArgs
 from flashdec._streams import torch_current_stream
 from flashdec.backends.cuda import _driver
 
@@ -17,15 +18,17 @@ out = torch.empty_like(q)
 p = flashdec.plan(q, k, v, out, backend="cuda")
 runner, fast = p._runner, p._fast
 launch = runner.fast
-args = (q, k, v, out, None, None, None, None)
+args = DecodeArgs(q, k, v, out)
 ptrs = fast.pointers(args)
+bound = p.bind(q, k, v, out)
 stream = torch_current_stream(0)
 pieces = {
     "plan.run": lambda: p.run(q, k, v, out),
+    "bound plan": bound,
     "pointers": lambda: fast.pointers(args),
     "current stream": lambda: torch_current_stream(0),
     "run_pointers": lambda: runner.run_pointers(ptrs, stream),
-    "kernel launch": lambda: launch.kernel.run(stream, launch.params_address),
+    "kernel launch": lambda: launch.issue(stream, launch.params_address),
     "cuLaunchKernel": lambda: _driver.driver.cuLaunchKernel(
         launch.kernel.func.handle, *launch.kernel.grid, 128, 1, 1,
         launch.kernel.func.dynamic_smem, _driver._stream(stream), launch.params_address, 0),

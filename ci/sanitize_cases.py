@@ -119,7 +119,7 @@ def main() -> int:
 
 def _combine_cases(cases: int) -> int:
     """Few KV heads with many splits: the combine kernel merges (up to MAX_SPLITS), with
-    seqlens and a window that leave most splits empty."""
+    seqlens and a window that leave most splits empty; and a bound plan's graph replay."""
     for dtype, kv_dtype, d in (("bfloat16", "bfloat16", 128), ("float16", "float8_e4m3fn", 96),
                                ("float32", "float32", 80)):
         q, k, v = make_qkv(1, 8, 1, 40000, d, dtype, "cuda", seed=cases)
@@ -135,7 +135,15 @@ def _combine_cases(cases: int) -> int:
             out = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda", num_splits=splits,
                                   seqlens=seqlens, window_left=999, **scales)
             assert_close(out, q, k[:, :, 11345:12345], v[:, :, 11345:12345], **scales)
-            cases += 2
+            # the same launches replayed from a CUDA graph (DecodePlan.bind), new lengths
+            bound = flashdec.plan(q, k, v, poisoned_like(q), seqlens=seqlens, backend="cuda",
+                                  num_splits=splits, **scales).bind(
+                                      q, k, v, poisoned_like(q), seqlens=seqlens)
+            for n in (40000, 7):
+                seqlens.fill_(n)
+                bound.result.fill_(float("nan"))
+                assert_close(bound(), q, k[:, :, :n], v[:, :, :n], **scales)
+            cases += 4
     return cases
 
 

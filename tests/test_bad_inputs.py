@@ -1003,20 +1003,21 @@ def test_fast_path_leaves_grad_and_negative_views_to_the_general_path() -> None:
     """The CUDA torch fast path reads data_ptr itself: a tensor that requires grad, or whose
     memory holds minus its values, must not get through it (the general path refuses it by
     name). Checked on CPU tensors through the path decode's cache takes (layouts known)."""
-    from flashdec._api import _TorchFastPath
+    from flashdec._contract import DecodeArgs
+    from flashdec._plan import TorchFastPath
 
     m = Maker(22)
     args = m.torch_args()
     p = flashdec.plan(args["q"], args["k"], args["v"], args["out"])
-    fast = _TorchFastPath(torch, p.problem, p._layouts)
+    fast = TorchFastPath(torch, p.problem, p._layouts)
     given = [args[n] for n in ("q", "k", "v", "out")] + [None] * 4
-    assert fast.pointers(tuple(given), layouts_known=True) == tuple(
-        None if x is None else x.data_ptr() for x in given)
+    assert fast.pointers(DecodeArgs(*given), layouts_known=True) == DecodeArgs(
+        *(None if x is None else x.data_ptr() for x in given))
     for i in range(4):
         for bad in (torch._neg_view(given[i]), given[i].detach().clone().requires_grad_()):
             changed = list(given)
             changed[i] = bad
-            assert fast.pointers(tuple(changed), layouts_known=True) is None
+            assert fast.pointers(DecodeArgs(*changed), layouts_known=True) is None
 
 
 def test_max_splits_is_the_cuda_backends() -> None:

@@ -9,22 +9,22 @@ import pytest
 import torch
 
 import flashdec
-from flashdec import _api
+from flashdec import _plan_cache
 from flashdec_testing import assert_close, make_qkv, poisoned_like
 
 
 @pytest.fixture(autouse=True)
 def _empty_cache():
-    _api._plans.clear()
+    _plan_cache.clear()
     yield
-    _api._plans.clear()
+    _plan_cache.clear()
 
 
 def test_same_layout_reuses_one_plan_with_new_data():
     for seed in (1, 2, 3):
         q, k, v = make_qkv(2, 8, 2, 100, 64, "float32", "cpu", seed=seed)
         assert_close(flashdec.decode(q, k, v, poisoned_like(q), backend="torch"), q, k, v)
-    assert len(_api._plans) == 1
+    assert _plan_cache.size() == 1
 
 
 def test_layouts_scalars_and_backend_choice_make_new_plans(monkeypatch):
@@ -35,21 +35,21 @@ def test_layouts_scalars_and_backend_choice_make_new_plans(monkeypatch):
     flashdec.decode(q, k, v, backend="torch", softcap=20.0)                 # another softcap
     monkeypatch.delenv("FLASHDEC_BACKEND", raising=False)
     flashdec.decode(q, k, v)                                                # auto: a new key
-    assert len(_api._plans) == 5
+    assert _plan_cache.size() == 5
     monkeypatch.setenv("FLASHDEC_BACKEND", "torch")
     flashdec.decode(q, k, v)                                                # = backend="torch"
-    assert len(_api._plans) == 5
+    assert _plan_cache.size() == 5
     out, lse = flashdec.decode(q, k, v, backend="torch", return_lse=True)  # results differ
-    assert lse.shape == (2, 8) and len(_api._plans) == 6
+    assert lse.shape == (2, 8) and _plan_cache.size() == 6
 
 
 def test_cache_is_bounded_least_recently_used_first(monkeypatch):
-    monkeypatch.setattr(_api, "PLAN_CACHE_SIZE", 2)
+    monkeypatch.setattr(_plan_cache, "PLAN_CACHE_SIZE", 2)
     inputs = [make_qkv(1, 4, 2, n, 32, "float32", "cpu", seed=n) for n in (10, 20, 30)]
     for q, k, v in inputs:
         flashdec.decode(q, k, v, backend="torch")
-    assert len(_api._plans) == 2
-    kept = {key[0][1][0] for key in _api._plans}  # k's shape of each cached plan
+    assert _plan_cache.size() == 2
+    kept = {key[0][1][0] for key in _plan_cache._plans}  # k's shape of each cached plan
     assert kept == {(1, 2, 20, 32), (1, 2, 30, 32)}
 
 
@@ -59,7 +59,7 @@ def test_threads_get_their_own_plans():
     worker = threading.Thread(target=lambda: flashdec.decode(q, k, v, backend="torch"))
     worker.start()
     worker.join()
-    assert len(_api._plans) == 2
+    assert _plan_cache.size() == 2
 
 
 def test_uncacheable_calls_still_work():
@@ -68,7 +68,7 @@ def test_uncacheable_calls_still_work():
     out = flashdec.decode(q, k, v, seqlens=[64, 10], backend="torch")
     assert torch.isfinite(out).all()
     flashdec.decode(q.numpy(), k.numpy(), v.numpy(), backend="torch")
-    assert len(_api._plans) == 0
+    assert _plan_cache.size() == 0
 
 
 def test_bad_input_is_still_rejected_on_a_cached_layout():

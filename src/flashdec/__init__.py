@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 from typing import Sequence
 
-from ._api import DecodePlan, decode, merge_states, plan
+from ._api import BoundDecode, DecodePlan, decode, merge_states, plan
 from ._contract import BackendOptions, DecodeArgs, DecodeProblem, MergeProblem
 from ._dtypes import DType
 from ._errors import (BackendUnavailableError, CacheError, CompilationError, ContractError,
@@ -81,6 +81,7 @@ __all__ = [
     "precompile",
     "plan",
     "DecodePlan",
+    "BoundDecode",
     "merge_states",
     "DecodeProblem",
     "DecodeArgs",

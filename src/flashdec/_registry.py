@@ -20,7 +20,14 @@ __all__ = ["Backend", "Runner", "register_backend", "get_backend", "backend_name
 
 
 class Runner(Protocol):
-    """A problem prepared by a backend: call it with views of that problem's layout."""
+    """A problem prepared by a backend: call it with views of that problem's layout.
+
+    Two optional methods speed up a plan's calls: ``run_pointers(ptrs, stream)`` (``ptrs`` a
+    :class:`DecodeArgs` of data pointers, None where absent), which the plan's CUDA torch fast
+    path calls with pointers it has checked, and ``bind(args, stream)``, returning a
+    zero-argument call that re-runs ``args`` (:meth:`flashdec.DecodePlan.bind`; the cuda
+    backend returns a CUDA graph's replay). Without them a plan calls the runner itself.
+    """
 
     workspace_bytes: int
 

@@ -148,6 +148,22 @@ def test_misaligned_pointer_under_an_aligned_plan_takes_the_safe_path():
     assert_close(out, q, k, v)
 
 
+def test_bound_decode_of_a_misaligned_view_replays_the_safe_kernel():
+    n, shape = 2 * 2 * 300 * 64, (2, 2, 300, 64)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    buf_k = torch.randn(n + 8, device="cuda", dtype=torch.bfloat16, generator=gen)
+    buf_v = torch.randn(n + 8, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    plan = flashdec.plan(q, buf_k[:n].view(shape), buf_v[:n].view(shape), backend="cuda")
+    k, v = buf_k[1:n + 1].view(shape), buf_v[3:n + 3].view(shape)
+    assert k.data_ptr() % 16
+    bound = plan.bind(q, k, v, poisoned_like(q))
+    for seed in (1, 2):
+        buf_k.copy_(torch.randn(buf_k.shape, generator=torch.Generator().manual_seed(seed)))
+        bound.result.fill_(float("nan"))
+        assert_close(bound(), q, k, v)
+
+
 def test_cupy_inputs():
     cupy = pytest.importorskip("cupy")
     q, k, v = make_qkv(2, 16, 4, 999, 64, "float16", "cuda", seed=8)

@@ -4,8 +4,9 @@ parameter struct (``Launch``), and the runner a plan calls every token (``Runner
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from ..._contract import DecodeArgs, DecodeProblem, Layout
 from ..._views import TensorRef
@@ -81,6 +82,19 @@ class Launch:
                 device, load_kernel(combine_kernel(problem.dtype, problem.head_dim), device),
                 combine_grid(problem, spec, self.split), THREADS, dependent=True)
 
+    def issue(self, stream: int, params_address: int) -> None:
+        """Launch the kernel (and the combine kernel after it) with the parameter struct
+        whose ``void*[1]`` is at ``params_address``."""
+        self.kernel.run(stream, params_address)
+        if self.combine is not None:
+            self.combine.run(stream, params_address)
+
+
+def _point(p: DecodeParams, ptrs: DecodeArgs, seqlens: int | None) -> None:
+    """Write a call's data pointers into a parameter struct."""
+    p.q, p.k, p.v, p.out = ptrs.q, ptrs.k, ptrs.v, ptrs.out
+    p.lse, p.k_scale, p.v_scale, p.seqlens = ptrs.lse, ptrs.k_scale, ptrs.v_scale, seqlens
+
 
 def _set_strides(array: Any, layout: Layout | None) -> None:
     if layout is not None:
@@ -150,18 +164,19 @@ class Runner:
         host = self.host_seqlens and args.seqlens is not None
         if host:
             self._upload_seqlens(args.seqlens, stream or 0)
-        self.run_pointers(tuple(None if x is None else x.ptr for x in args), stream,
-                          host_seqlens=host)
+        self.run_pointers(self.pointers_of(args), stream, host_seqlens=host)
 
-    def run_pointers(self, ptrs: tuple, stream: int | None, host_seqlens: bool = False) -> None:
-        """Launch on data pointers (q, k, v, out, seqlens, k_scale, v_scale, lse) of the
-        planned layouts: the whole per-call host work of a plan."""
-        if self.problem.batch == 0:
-            return
-        stream = stream or 0
-        q, k, v, out, seqlens, k_scale, v_scale, lse = ptrs
+    @staticmethod
+    def pointers_of(args: DecodeArgs) -> DecodeArgs:
+        """The data pointers of views, by name (None where absent)."""
+        return DecodeArgs(*(None if x is None else x.ptr for x in args))
+
+    def _launch_for(self, ptrs: DecodeArgs, stream: int) -> Launch:
+        """The launch for these pointers (the element-wise kernel for a misaligned K/V view
+        under an aligned plan, made on first need), its arrival counters zeroed on first use
+        (the kernel leaves them zero)."""
         launch = self.fast
-        if (k | v) % VECTOR_BYTES:  # a misaligned view under an aligned plan
+        if (ptrs.k | ptrs.v) % VECTOR_BYTES:
             launch = self.slow
             if launch is None:
                 launch = self.slow = Launch(self, self.slow_spec, self.num_splits)
@@ -169,12 +184,38 @@ class Runner:
             _driver.memset32_async(self.device, launch.params.arrivals, 0,
                                    launch.arrivals_count, stream)
             launch.arrivals_ready = True
-        p = launch.params
-        p.q, p.k, p.v, p.out, p.lse, p.k_scale, p.v_scale = q, k, v, out, lse, k_scale, v_scale
-        p.seqlens = self.seqlens_ptr if host_seqlens else seqlens
-        launch.kernel.run(stream, launch.params_address)
-        if launch.combine is not None:
-            launch.combine.run(stream, launch.params_address)
+        return launch
+
+    def run_pointers(self, ptrs: DecodeArgs, stream: int | None,
+                     host_seqlens: bool = False) -> None:
+        """Launch on the data pointers of tensors of the planned layouts: the whole per-call
+        host work of a plan."""
+        if self.problem.batch == 0:
+            return
+        stream = stream or 0
+        launch = self._launch_for(ptrs, stream)
+        _point(launch.params, ptrs, self.seqlens_ptr if host_seqlens else ptrs.seqlens)
+        launch.issue(stream, launch.params_address)
+
+    def bind(self, args: DecodeArgs, stream: int | None) -> Callable[[], None]:
+        """A call that re-runs this problem on ``args`` on ``stream``: the replay of a CUDA
+        graph of the launches, captured now (their parameters copied into it), or, with host
+        seqlens (uploaded per call), a plain run."""
+        if self.problem.batch == 0:
+            return lambda: None
+        if self.host_seqlens and args.seqlens is not None:
+            return functools.partial(self, args, stream)
+        stream = stream or 0
+        ptrs = self.pointers_of(args)
+        launch = self._launch_for(ptrs, stream)
+        params = DecodeParams()
+        ctypes.memmove(ctypes.addressof(params), ctypes.addressof(launch.params),
+                       ctypes.sizeof(params))
+        _point(params, ptrs, ptrs.seqlens)
+        array = _driver.params_pointer_array(params)
+        graph = _driver.Graph(self.device,
+                              lambda capture: launch.issue(capture, ctypes.addressof(array)))
+        return graph.replay_on(stream)
 
     def _upload_seqlens(self, seqlens: TensorRef, stream: int) -> None:
         import numpy
