@@ -62,6 +62,32 @@ def _entries(torch, flashdec) -> dict:
     }
 
 
+def busy_gpu_times(fns: dict, calls: int = HOST_CALLS) -> tuple[dict, bool]:
+    """Median host us per call of each zero-argument call in ``fns`` (warm already), timed in
+    rounds of HOST_BATCH calls behind a GPU sleep that outlasts the batch, the calls taking
+    turns round by round; and whether the GPU stayed busy through every batch."""
+    import torch
+
+    batch = max(1, min(HOST_BATCH, calls))
+    khz = getattr(torch.cuda.get_device_properties(0), "clock_rate", 0) or 2_000_000
+    cycles = int(batch * BUSY_US_PER_CALL * khz / 1e3)
+    samples = {name: [] for name in fns}
+    stream = torch.cuda.current_stream()
+    names, busy = list(fns), True
+    for r in range(max(1, calls // batch)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
+            torch.cuda._sleep(cycles)  # the GPU stays busy while the host queues the batch
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            elapsed = time.perf_counter() - t0
+            busy &= not stream.query()  # still sleeping: only host time was counted
+            torch.cuda.synchronize()
+            samples[name].append(elapsed / batch * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}, busy
+
+
 def host_overhead(calls: int = HOST_CALLS) -> dict:
     """Host us per call of the bare ``cuLaunchKernel`` of the plan's kernel, ``plan.run``,
     ``flashdec.decode`` (cuda backend, ``out=`` given), a bound plan's call (CUDA graph
@@ -73,7 +99,7 @@ def host_overhead(calls: int = HOST_CALLS) -> dict:
 
     result = {"problem": dict(zip(("batch", "heads", "kv_heads", "kv_len", "head_dim"),
                                   HOST_PROBLEM), dtype="bfloat16"),
-              "calls": calls, "us_per_call": {}, "ratio": {}, "na": {}, "gpu_busy": True}
+              "calls": calls, "us_per_call": {}, "ratio": {}, "na": {}}
     fns = {}
     for name, make in _entries(torch, flashdec).items():
         try:
@@ -84,25 +110,8 @@ def host_overhead(calls: int = HOST_CALLS) -> dict:
             fns[name] = fn
         except Exception as exc:
             result["na"][name] = na_reason(exc)
-    batch = max(1, min(HOST_BATCH, calls))
-    khz = getattr(torch.cuda.get_device_properties(0), "clock_rate", 0) or 2_000_000
-    cycles = int(batch * BUSY_US_PER_CALL * khz / 1e3)
-    samples = {name: [] for name in fns}
-    stream = torch.cuda.current_stream()
-    names = list(fns)
-    for r in range(max(1, calls // batch)):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = fns[name]
-            torch.cuda._sleep(cycles)  # the GPU stays busy while the host queues the batch
-            t0 = time.perf_counter()
-            for _ in range(batch):
-                fn()
-            elapsed = time.perf_counter() - t0
-            result["gpu_busy"] &= not stream.query()  # still sleeping: only host time counted
-            torch.cuda.synchronize()
-            samples[name].append(elapsed / batch * 1e6)
-    for name, values in samples.items():
-        result["us_per_call"][name] = statistics.median(values)
+    times, result["gpu_busy"] = busy_gpu_times(fns, calls)
+    result["us_per_call"].update(times)
     floor = result["us_per_call"].get(FLOOR)
     if floor:
         result["ratio"] = {name: us / floor for name, us in result["us_per_call"].items()}
