@@ -112,6 +112,7 @@ def main() -> int:
         cases += 2
     cases = _combine_cases(cases)
     cases = _exact_allocation_cases(cases)
+    cases = _paged_cases(cases)
     torch.cuda.synchronize()
     print(f"{cases} sanitizer cases passed")
     return 0
@@ -144,6 +145,52 @@ def _combine_cases(cases: int) -> int:
                 bound.result.fill_(float("nan"))
                 assert_close(bound(), q, k[:, :, :n], v[:, :, :n], **scales)
             cases += 4
+    return cases
+
+
+def _paged_cases(cases: int) -> int:
+    """Paged pools that are their own allocations (exactly num_pages pages), read through
+    tables whose entries past each sequence's pages are far outside the pool, and whose used
+    entries include ids out of range (-1, num_pages, 2**31 - 1: clamped into the pool by the
+    kernel, so memcheck must stay silent); tensor-core (page 16, 64) and CUDA-core (page 7)
+    kernels, 16-bit and fp8 pools, a window and left padding that start mid-block."""
+    import math
+
+    gen = torch.Generator().manual_seed(3)
+    for kv_dtype, page_size, d in (("bfloat16", 16, 128), ("float8_e4m3fn", 64, 80),
+                                   ("bfloat16", 7, 64)):
+        lengths = [1000, 1, 333, 0]
+        batch, hkv, max_pages = len(lengths), 2, math.ceil(1000 / page_size)
+        num_pages = sum(math.ceil(n / page_size) for n in lengths)
+        kv_t = getattr(torch, kv_dtype)
+        kp = randn((num_pages, hkv, page_size, d), "bfloat16", "cuda", gen).to(kv_t)
+        vp = randn((num_pages, hkv, page_size, d), "bfloat16", "cuda", gen).to(kv_t)
+        table = torch.full((batch, max_pages), 2**31 - 1, dtype=torch.int32)
+        ids = torch.randperm(num_pages, generator=gen).tolist()
+        for b, n in enumerate(lengths):
+            for i in range(math.ceil(n / page_size)):
+                table[b, i] = ids.pop()
+        q = randn((batch, 8, d), "bfloat16", "cuda", gen)
+        seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        scales = {"k_scale": 0.5, "v_scale": 2.0} if kv_dtype != "bfloat16" else {}
+        features = {"window_left": 301, "cache_leftpad": torch.tensor(
+            [37, 0, 5, 0], dtype=torch.int32, device="cuda")}
+        for splits in (None, 3):
+            for extra in ({}, features):
+                out = flashdec.decode(q, kp, vp, poisoned_like(q), block_table=table.cuda(),
+                                      seqlens=seqlens, num_splits=splits, backend="cuda",
+                                      **scales, **extra)
+                ref_extra = {k: (to64(x) if isinstance(x, torch.Tensor) else x)
+                             for k, x in extra.items()}
+                ref = decode_reference(to64(q), to64(kp), to64(vp), seqlens=lengths,
+                                       block_table=table.numpy(), **scales, **ref_extra)
+                assert relative_error(to64(out), ref) <= TOLERANCE["bfloat16"]
+                cases += 1
+        bad = table.clone()
+        bad[0, 0], bad[0, 1], bad[2, 0] = -1, num_pages, 2**31 - 1  # clamped, never outside
+        flashdec.decode(q, kp, vp, poisoned_like(q), block_table=bad.cuda(), seqlens=seqlens,
+                        backend="cuda", **scales)
+        cases += 1
     return cases
 
 

@@ -31,7 +31,8 @@ def plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
          scale: float | None = None, softcap: float | None = None,
          window_left: int | None = None, seqlens: Lengths | None = None,
          k_scale: Scale | None = None, v_scale: Scale | None = None, return_lse: bool = False,
-         lse_out: Tensor | None = None, backend: str | None = None,
+         lse_out: Tensor | None = None, block_table: Tensor | None = None,
+         cache_leftpad: Tensor | None = None, backend: str | None = None,
          **options: Any) -> DecodePlan:
     """Validate once, choose the backend, prepare kernels and workspace; see :func:`decode`.
 
@@ -39,9 +40,11 @@ def plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
     LSE likewise with ``return_lse``). ``seqlens``, scale tensors and ``lse_out`` fix their
     presence and layout: each run passes tensors of the same layout. Float scales, ``scale``,
     ``softcap`` and ``window_left`` are fixed here, and so are the backend options
-    (``num_splits=``), checked here on every backend.
+    (``num_splits=``), checked here on every backend. A paged plan fixes ``max_pages`` (the
+    split layout covers that capacity); every run reads its table and lengths anew.
     """
-    given = _args.bundle(q, k, v, out, seqlens, k_scale, v_scale, lse_out)
+    given = _args.bundle(q, k, v, out, seqlens, k_scale, v_scale, lse_out, block_table,
+                         cache_leftpad)
     return _plan_of(given, scale, softcap, window_left, return_lse, backend, options)
 
 
@@ -64,13 +67,18 @@ def decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
            scale: float | None = None, softcap: float | None = None,
            window_left: int | None = None, seqlens: Lengths | None = None,
            k_scale: Scale | None = None, v_scale: Scale | None = None,
-           return_lse: bool = False, lse_out: Tensor | None = None, backend: str | None = None,
-           stream: Any = None, **options: Any) -> Tensor | tuple[Tensor, Tensor]:
+           return_lse: bool = False, lse_out: Tensor | None = None,
+           block_table: Tensor | None = None, cache_leftpad: Tensor | None = None,
+           backend: str | None = None, stream: Any = None,
+           **options: Any) -> Tensor | tuple[Tensor, Tensor]:
     """One decode step of attention: ``Y[b, h] = softmax(s) . V[b, g]`` over the keys ``j`` of
     ``[lo_b, L_b)``, with ``s_j = softcap * tanh(scale * Q[b, h] . K[b, g, j] / softcap)``.
 
-    ``g = h // (H_q // H_kv)``; ``L_b = seqlens[b]`` (else K_len); ``lo_b = L_b - 1 -
-    window_left`` (else 0); fp8 K and V are read as ``k_scale[g] * K`` and ``v_scale[g] * V``.
+    ``g = h // (H_q // H_kv)``; ``L_b = seqlens[b]`` (else K_len); ``lo_b`` is the larger of
+    ``L_b - 1 - window_left`` and ``cache_leftpad[b]`` (else 0); fp8 K and V are read as
+    ``k_scale[g] * K`` and ``v_scale[g] * V``. With ``block_table``, K and V are pools of pages
+    and key ``j`` of sequence ``b`` is row ``j % page_size`` of page
+    ``block_table[b, j // page_size]``.
     Shapes: Q ``[B, H_q, D]``, K and V ``[B, H_kv, K_len, D]`` (physical layout, any strides
     >= 0), Y ``[B, H_q, D]``, LSE ``[B, H_q]``. Q and Y share one dtype (float16, bfloat16,
     float32); K and V share Q's dtype or one fp8 dtype (float8_e4m3fn, float8_e5m2, with
@@ -106,6 +114,18 @@ def decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
         Also return LSE = log of the softmax denominator of the (capped) scores, float32.
     lse_out : writable float32 tensor [B, H_q], optional
         Where to write LSE (implies ``return_lse``).
+    block_table : int32 tensor [B, max_pages] on K's device, optional
+        A paged cache: K and V are then pools ``[num_pages, H_kv, page_size, D]`` (any
+        strides; vLLM's ``[num_pages, page_size, H_kv, D]`` passes as
+        ``.permute(0, 2, 1, 3)``), K_len is ``max_pages * page_size``, and ``seqlens`` is
+        required. Entries past the pages ``seqlens[b]`` reaches are never read. On the GPU the
+        table is read at run time and an id outside ``[0, num_pages)`` is clamped into range
+        (memory-safe; that sequence's result is then meaningless); in host memory the ids a
+        sequence reads are checked. Any page_size; the tensor-core kernel takes multiples of 16.
+    cache_leftpad : int32 tensor [B] on K's device, optional
+        Keys before ``cache_leftpad[b]`` are not attended (left-padded batches, as
+        ``flash_attn_with_kvcache``'s ``cache_leftpad``); clamped to [0, K_len] on the GPU,
+        checked in host memory.
     backend : {"auto", "torch", "cuda"}, optional
         Wins over ``FLASHDEC_BACKEND``. An explicit backend never falls back.
     stream : int or object with ``__cuda_stream__``, optional
@@ -132,7 +152,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
     ------
     ContractError, UnsupportedError, BackendUnavailableError, CompilationError
     """
-    given = _args.bundle(q, k, v, out, seqlens, k_scale, v_scale, lse_out)
+    given = _args.bundle(q, k, v, out, seqlens, k_scale, v_scale, lse_out, block_table,
+                         cache_leftpad)
     key = _plan_cache.key(given, stream, (scale, softcap, window_left, return_lse), backend,
                           options)
     if key is not None:

@@ -21,9 +21,10 @@ _OUTPUTS = (ARG_NAMES.out, ARG_NAMES.lse)
 
 
 def bundle(q: Any, k: Any, v: Any, out: Any, seqlens: Any, k_scale: Any, v_scale: Any,
-           lse_out: Any) -> DecodeArgs:
+           lse_out: Any, block_table: Any, cache_leftpad: Any) -> DecodeArgs:
     """The call's arguments, in :class:`DecodeArgs` order (no checks: ~0.2 us)."""
-    return tuple.__new__(DecodeArgs, (q, k, v, out, seqlens, k_scale, v_scale, lse_out))
+    return tuple.__new__(DecodeArgs, (q, k, v, out, seqlens, k_scale, v_scale, lse_out,
+                                      block_table, cache_leftpad))
 
 
 def is_tensor(x: Any) -> bool:

@@ -3,7 +3,10 @@
 ``Q [B, H_q, D]``, ``K/V [B, H_kv, K_len, D]`` (physical layout), ``Y [B, H_q, D]``,
 ``kv_head = q_head // (H_q // H_kv)``. The serving features add an int32 ``seqlens [B]``
 (K_len is then the capacity), float32 ``k_scale``/``v_scale [H_kv]`` tensors (or floats),
-a float32 ``LSE [B, H_q]`` output, ``softcap`` and ``window_left``. Every check raises
+a float32 ``LSE [B, H_q]`` output, ``softcap``, ``window_left``, an int32 ``cache_leftpad [B]``
+(keys before it are not attended) and a paged cache: K/V pools ``[num_pages, H_kv,
+page_size, D]`` read through an int32 ``block_table [B, max_pages]`` (key j of sequence b is
+row ``j % page_size`` of page ``block_table[b, j // page_size]``). Every check raises
 :class:`ContractError` naming the argument, what was expected and what was given, before any
 work is launched.
 """
@@ -55,7 +58,8 @@ class DecodeProblem(_ResultShapes):
     """One decode step's sizes, dtypes, device, softmax scale and serving features.
 
     ``kv_len`` is K's extent: the cache capacity when ``seqlens`` is set (an int32 [B] tensor
-    then comes with every run). ``k_scale``/``v_scale`` are floats fixed at plan time, or None
+    then comes with every run); for a paged cache (``page_size`` set) it is the block table's
+    capacity, max_pages * page_size, and K/V are pools of ``num_pages`` pages. ``k_scale``/``v_scale`` are floats fixed at plan time, or None
     when a float32 [H_kv] tensor comes with every run. ``kv_dtype`` None means ``dtype``.
     """
 
@@ -74,6 +78,9 @@ class DecodeProblem(_ResultShapes):
     k_scale: float | None = 1.0
     v_scale: float | None = 1.0
     return_lse: bool = False
+    page_size: int | None = None   # paged: K/V are pools of pages read through a block table
+    num_pages: int | None = None
+    leftpad: bool = False          # an int32 cache_leftpad [B] comes with every run
 
     def __post_init__(self) -> None:
         if self.kv_dtype is None:
@@ -83,6 +90,10 @@ class DecodeProblem(_ResultShapes):
     def group_size(self) -> int:
         """Query heads that share one KV head (1 = MHA, num_heads = MQA)."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def paged(self) -> bool:
+        return self.page_size is not None
 
     @property
     def kv_bytes(self) -> int:
@@ -109,6 +120,8 @@ class DecodeArgs(NamedTuple):
     k_scale: TensorRef | None = None
     v_scale: TensorRef | None = None
     lse: TensorMut | None = None
+    block_table: TensorRef | None = None
+    cache_leftpad: TensorRef | None = None
 
 
 # The user's argument name for each DecodeArgs field, for error messages.
@@ -266,17 +279,47 @@ def check_host_seqlens(seqlens: TensorRef | None, kv_len: int) -> None:
                             f"[0, {kv_len}] (k's kv_len, the cache capacity)")
 
 
-def check_host_values(args: DecodeArgs, kv_len: int) -> None:
-    """What can be checked without a device sync: ``seqlens`` (see check_host_seqlens) and
-    scale tensors in host memory (finite and > 0, as float scales are). Tensors in device
-    memory are read by the kernel at run time, unchecked."""
-    check_host_seqlens(args.seqlens, kv_len)
-    for name, view in ((ARG_NAMES.k_scale, args.k_scale), (ARG_NAMES.v_scale, args.v_scale)):
-        if view is None or view.device.kind != "cpu" or view.numel == 0:
-            continue
-        import numpy
+def _host_values(view: TensorRef | None) -> object:
+    """The values of a non-empty view in host memory as a NumPy array, else None."""
+    if view is None or view.device.kind != "cpu" or view.numel == 0:
+        return None
+    import numpy
 
-        values = numpy.from_dlpack(view)
+    return numpy.from_dlpack(view)
+
+
+def check_host_values(args: DecodeArgs, kv_len: int) -> None:
+    """What can be checked without a device sync: ``seqlens`` (see check_host_seqlens),
+    ``cache_leftpad`` in [0, kv_len], the block-table entries of the pages each sequence's
+    length reaches (in [0, num_pages)) and scale tensors (finite and > 0, as float scales
+    are), each where it lies in host memory. Tensors in device memory are read by the kernel
+    at run time, unchecked (lengths, offsets and page ids clamped into range there)."""
+    import numpy
+
+    check_host_seqlens(args.seqlens, kv_len)
+    leftpad = _host_values(args.cache_leftpad)
+    if leftpad is not None:
+        bad = (leftpad < 0) | (leftpad > kv_len)
+        if bad.any():
+            b = int(bad.argmax())
+            raise ContractError(f"cache_leftpad[{b}] is {int(leftpad[b])}; every offset must "
+                                f"be in [0, {kv_len}] (the cache capacity)")
+    table = _host_values(args.block_table)
+    lengths = _host_values(args.seqlens)
+    if table is not None and lengths is not None:
+        num_pages, page_size = args.k.shape[0], args.k.shape[2]
+        needed = (numpy.clip(lengths.astype(numpy.int64), 0, kv_len) + page_size - 1) // page_size
+        used = numpy.arange(table.shape[1])[None, :] < needed[:, None]
+        bad = used & ((table < 0) | (table >= num_pages))
+        if bad.any():
+            b, i = (int(x) for x in numpy.unravel_index(int(bad.argmax()), bad.shape))
+            raise ContractError(f"block_table[{b}, {i}] is {int(table[b, i])}, a page sequence "
+                                f"{b} reads (seqlens[{b}] = {int(lengths[b])}); page ids must be "
+                                f"in [0, {num_pages}) (k's num_pages)")
+    for name, view in ((ARG_NAMES.k_scale, args.k_scale), (ARG_NAMES.v_scale, args.v_scale)):
+        values = _host_values(view)
+        if values is None:
+            continue
         with numpy.errstate(invalid="ignore"):
             bad = ~(numpy.isfinite(values) & (values > 0))
         if bad.any():
@@ -388,9 +431,12 @@ def validate(args: DecodeArgs, *, scale: object = None, softcap: object = None,
     ``v_scale`` are the float scales; a scale tensor comes in ``args`` instead.
     """
     q, k, v, out = args.q, args.k, args.v, args.out
+    table = args.block_table
+    kv_axes = ("[num_pages, num_kv_heads, page_size, head_dim] (a paged pool, with block_table)"
+               if table is not None else "[batch, num_kv_heads, kv_len, head_dim]")
     check_rank("q", q, 3, "[batch, num_heads, head_dim]")
-    check_rank("k", k, 4, "[batch, num_kv_heads, kv_len, head_dim]")
-    check_rank("v", v, 4, "[batch, num_kv_heads, kv_len, head_dim]")
+    check_rank("k", k, 4, kv_axes)
+    check_rank("v", v, 4, kv_axes)
     if out is not None:
         check_rank("out", out, 3, "[batch, num_heads, head_dim]")
 
@@ -402,13 +448,20 @@ def validate(args: DecodeArgs, *, scale: object = None, softcap: object = None,
 
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, kv_len, _ = k.shape
+    page_size = num_pages = None
     if num_heads < 1:
         raise ContractError(f"q must have at least one head, got shape {q.shape}")
     if num_kv_heads < 1:
         raise ContractError(f"k must have at least one KV head, got shape {k.shape}")
     if head_dim < 1:
         raise ContractError(f"head_dim must be >= 1, got q shape {q.shape}")
-    if k.shape[0] != batch:
+    if table is not None:
+        num_pages, page_size = k.shape[0], k.shape[2]
+        kv_len = _check_block_table(table, batch, num_pages, page_size, k.device)
+        if args.seqlens is None:
+            raise ContractError("seqlens is required with block_table: the table's rows past "
+                                "a sequence's pages are never read, so its length must be given")
+    elif k.shape[0] != batch:
         raise ContractError(f"k has batch {k.shape[0]} (shape {k.shape}) but q has batch "
                             f"{batch} (shape {q.shape})")
     if k.shape[3] != head_dim:
@@ -430,6 +483,9 @@ def validate(args: DecodeArgs, *, scale: object = None, softcap: object = None,
         if view is not None:
             _check_tensor(name, view, DType.float32, (num_kv_heads,), "[num_kv_heads]",
                           (k.device,), f"a scale tensor must be on k's device ({k.device})")
+    if args.cache_leftpad is not None:
+        _check_tensor("cache_leftpad", args.cache_leftpad, DType.int32, (batch,), "[batch]",
+                      (k.device,), f"cache_leftpad must be on k's device ({k.device})")
     if args.lse is not None:
         _check_tensor("lse_out", args.lse, DType.float32, (batch, num_heads),
                       "[batch, num_heads]", (q.device,), f"it must be on q's device ({q.device})")
@@ -453,7 +509,32 @@ def validate(args: DecodeArgs, *, scale: object = None, softcap: object = None,
         seqlens=args.seqlens is not None,
         k_scale=_resolve_kv_scale("k_scale", k_scale, args.k_scale, k.dtype),
         v_scale=_resolve_kv_scale("v_scale", v_scale, args.v_scale, k.dtype),
-        return_lse=bool(return_lse) or args.lse is not None)
+        return_lse=bool(return_lse) or args.lse is not None, page_size=page_size,
+        num_pages=num_pages, leftpad=args.cache_leftpad is not None)
+
+
+# Key positions are int32 on the device (seqlens, cache_leftpad): a paged cache's capacity
+# must fit.
+MAX_PAGED_KV_LEN = 2**31 - 1
+
+
+def _check_block_table(table: TensorRef, batch: int, num_pages: int, page_size: int,
+                       device: Device) -> int:
+    """A block table's dtype, shape, device and strides against the pools; returns the
+    capacity it addresses (max_pages * page_size)."""
+    check_rank("block_table", table, 2, "[batch, max_pages]")
+    _check_tensor("block_table", table, DType.int32, (batch, table.shape[1]),
+                  "[batch, max_pages] (one row per query)", (device,),
+                  f"block_table must be on k's device ({device})")
+    if page_size < 1:
+        raise ContractError("k's page_size (axis 2 of a paged pool) must be >= 1, got 0")
+    if num_pages < 1 and batch:
+        raise ContractError("k holds no page (num_pages, axis 0 of a paged pool, is 0)")
+    kv_len = table.shape[1] * page_size
+    if kv_len > MAX_PAGED_KV_LEN:
+        raise ContractError(f"block_table addresses {table.shape[1]} pages of {page_size} keys "
+                            f"= {kv_len} positions; at most {MAX_PAGED_KV_LEN} (int32 positions)")
+    return kv_len
 
 
 def _check_host_lse(name: str, view: TensorRef) -> None:

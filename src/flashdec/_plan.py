@@ -17,6 +17,7 @@ from ._views import Lengths, Tensor, extent_bytes
 __all__ = ["DecodePlan", "BoundDecode", "TorchFastPath", "check_planned"]
 
 _OUT, _LSE = DecodeArgs._fields.index("out"), DecodeArgs._fields.index("lse")
+_NUM_ARGS = len(DecodeArgs._fields)
 
 
 def check_planned(planned: DecodeArgs, args: DecodeArgs) -> None:
@@ -91,7 +92,7 @@ class TorchFastPath:
         key holds them), so only the overlap is checked. A tensor that requires grad or has
         the negative bit set (its memory holds minus its values) is left to the general path,
         which refuses it by name; the conjugate bit needs a complex dtype, which no plan has."""
-        ptrs = [None] * 8
+        ptrs = [None] * _NUM_ARGS
         try:
             if layouts_known:
                 for i in self.present:
@@ -188,13 +189,16 @@ class DecodePlan:
     def run(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
             seqlens: Lengths | None = None, k_scale: Tensor | None = None,
             v_scale: Tensor | None = None, lse_out: Tensor | None = None,
+            block_table: Tensor | None = None, cache_leftpad: Tensor | None = None,
             stream: Any = None) -> Tensor | tuple[Tensor, Tensor]:
         """Decode with tensors of the planned layout; returns what :func:`decode` would.
 
-        ``seqlens``, ``k_scale``/``v_scale`` tensors and ``lse_out`` are passed here exactly
-        when the plan was made with them; float scales were fixed by the plan.
+        ``seqlens``, ``k_scale``/``v_scale`` tensors, ``lse_out``, ``block_table`` and
+        ``cache_leftpad`` are passed here exactly when the plan was made with them; float
+        scales were fixed by the plan.
         """
-        given = tuple.__new__(DecodeArgs, (q, k, v, out, seqlens, k_scale, v_scale, lse_out))
+        given = tuple.__new__(DecodeArgs, (q, k, v, out, seqlens, k_scale, v_scale, lse_out,
+                                           block_table, cache_leftpad))
         fast = self._fast
         if fast is not None and stream is None:
             done = fast.run(given, None)
@@ -226,6 +230,7 @@ class DecodePlan:
     def bind(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
              seqlens: Lengths | None = None, k_scale: Tensor | None = None,
              v_scale: Tensor | None = None, lse_out: Tensor | None = None,
+             block_table: Tensor | None = None, cache_leftpad: Tensor | None = None,
              stream: Any = None) -> "BoundDecode":
         """This plan bound to these tensors and one stream: :class:`BoundDecode`, whose call
         re-runs the decode over the tensors' current contents with no per-call checks.
@@ -234,7 +239,8 @@ class DecodePlan:
         ``stream``: default torch's current stream now (for torch tensors), else the legacy
         default stream; every call runs there.
         """
-        given = tuple.__new__(DecodeArgs, (q, k, v, out, seqlens, k_scale, v_scale, lse_out))
+        given = tuple.__new__(DecodeArgs, (q, k, v, out, seqlens, k_scale, v_scale, lse_out,
+                                           block_table, cache_leftpad))
         args, result, handle = self._checked(given, stream, "bind")
         bind = getattr(self._runner, "bind", None)  # optional for third-party backends
         replay = (bind(args, handle) if bind is not None

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["decode_reference", "merge_reference", "TOLERANCE", "LSE_TOLERANCE",
+__all__ = ["decode_reference", "gather_pages", "merge_reference", "TOLERANCE", "LSE_TOLERANCE",
            "relative_error", "lse_error"]
 
 
@@ -17,8 +17,10 @@ def _per_kv_head(scale: float | np.ndarray, num_kv_heads: int) -> np.ndarray:
 
 
 def _attended(batch: int, kv_len: int, seqlens: Sequence[int] | np.ndarray | None,
-              window_left: int | None) -> np.ndarray:
-    """Bool [B, K_len]: keys j with L - 1 - window_left <= j < L, L = clamp(seqlens[b])."""
+              window_left: int | None,
+              cache_leftpad: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Bool [B, K_len]: keys j with L - 1 - window_left <= j < L and j >= cache_leftpad[b],
+    L = clamp(seqlens[b])."""
     if seqlens is None:
         lengths = np.full(batch, kv_len, dtype=np.int64)
     else:
@@ -27,7 +29,21 @@ def _attended(batch: int, kv_len: int, seqlens: Sequence[int] | np.ndarray | Non
     valid = j < lengths[:, None]
     if window_left is not None:
         valid &= j >= (lengths - 1 - window_left)[:, None]
+    if cache_leftpad is not None:
+        valid &= j >= np.clip(np.asarray(cache_leftpad, dtype=np.int64).reshape(batch), 0,
+                              kv_len)[:, None]
     return valid
+
+
+def gather_pages(pool: np.ndarray, block_table: np.ndarray) -> np.ndarray:
+    """A paged pool [num_pages, H_kv, page_size, D] read through ``block_table`` [B,
+    max_pages] as the cache [B, H_kv, max_pages * page_size, D] it stands for (ids outside
+    the pool are clamped, as on the GPU: such rows must not be attended)."""
+    pool = np.asarray(pool)
+    table = np.clip(np.asarray(block_table, dtype=np.int64), 0, pool.shape[0] - 1)
+    pages = pool[table]                       # [B, max_pages, H_kv, page_size, D]
+    batch, max_pages, heads, page_size, dim = pages.shape
+    return pages.transpose(0, 2, 1, 3, 4).reshape(batch, heads, max_pages * page_size, dim)
 
 
 def _softmax_states(scores: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -47,21 +63,28 @@ def decode_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float |
                      *, softcap: float | None = None, window_left: int | None = None,
                      seqlens: Sequence[int] | np.ndarray | None = None,
                      k_scale: float | np.ndarray = 1.0, v_scale: float | np.ndarray = 1.0,
-                     return_lse: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                     return_lse: bool = False,
+                     cache_leftpad: Sequence[int] | np.ndarray | None = None,
+                     block_table: np.ndarray | None = None,
+                     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The decode contract in float64: Y, or (Y, LSE) with ``return_lse``.
 
-    ``q`` is [B, H_q, D], ``k``/``v`` are [B, H_kv, K_len, D], upcast to float64 (fp8 values
-    as the caller converted them); ``k_scale``/``v_scale`` a float or [H_kv]; ``seqlens`` [B]
-    is clamped to [0, K_len] like the kernels do. Rows with no attended key give Y = 0 and
-    LSE = -inf; keys that are not attended are never read, whatever they hold.
+    ``q`` is [B, H_q, D], ``k``/``v`` are [B, H_kv, K_len, D] (or pools of pages read through
+    ``block_table``, see :func:`gather_pages`), upcast to float64 (fp8 values as the caller
+    converted them); ``k_scale``/``v_scale`` a float or [H_kv]; ``seqlens`` and
+    ``cache_leftpad`` [B] are clamped to [0, K_len] like the kernels do. Rows with no
+    attended key give Y = 0 and LSE = -inf; keys that are not attended are never read,
+    whatever they hold.
     """
+    if block_table is not None:
+        k, v = gather_pages(k, block_table), gather_pages(v, block_table)
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     batch, num_heads, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     if scale is None:
         scale = 1.0 / np.sqrt(head_dim)
     group = num_heads // num_kv_heads
-    valid = _attended(batch, kv_len, seqlens, window_left)
+    valid = _attended(batch, kv_len, seqlens, window_left, cache_leftpad)
     keys = np.where(valid[:, None, :, None], k, 0.0) * _per_kv_head(k_scale, num_kv_heads)
     values = np.where(valid[:, None, :, None], v, 0.0) * _per_kv_head(v_scale, num_kv_heads)
     qg = q.reshape(batch, num_kv_heads, group, head_dim)

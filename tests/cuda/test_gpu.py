@@ -269,6 +269,40 @@ def test_cuda_graph_replays_with_new_seqlens(kv_dtype):
                                     **{n: s.cpu().numpy() for n, s in features.items()}))
 
 
+@pytest.mark.parametrize("page_size", [16, 24])
+def test_cuda_graph_replays_with_new_block_tables(page_size):
+    """A captured paged plan reads its table and lengths at replay: new tables (pages moved
+    around the pool) and new lengths between replays, on the tensor-core kernel (16) and the
+    CUDA-core one (24)."""
+    batch, hq, hkv, max_pages, d = 3, 16, 4, 40, 128
+    num_pages = batch * max_pages + 5
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    kp = torch.randn(num_pages, hkv, page_size, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    vp = torch.randn_like(kp)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    table = torch.zeros(batch, max_pages, dtype=torch.int32, device="cuda")
+    seqlens = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    out = poisoned_like(q)
+    p = flashdec.plan(q, kp, vp, out, block_table=table, seqlens=seqlens, backend="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        p.run(q, kp, vp, out, block_table=table, seqlens=seqlens)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        p.run(q, kp, vp, out, block_table=table, seqlens=seqlens)
+    cap = max_pages * page_size
+    for seed, lengths in ((1, [cap, 1, 0]), (2, [17, cap - 3, 500]), (3, [cap] * 3)):
+        ids = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed))
+        table.copy_(ids[: batch * max_pages].view(batch, max_pages).to(torch.int32))
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, q, kp, vp, seqlens=lengths, block_table=table.cpu().numpy())
+
+
 def test_device_seqlens_are_clamped_to_capacity():
     q, k, v = make_qkv(3, 8, 2, 700, 64, "bfloat16", "cuda", seed=13)
     seqlens = torch.tensor([-5, 10**6, 300], dtype=torch.int32, device="cuda")

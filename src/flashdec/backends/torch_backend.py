@@ -4,8 +4,10 @@ GQA is computed by viewing Q as [B, H_kv, group, D] against K/V [B, H_kv, K_len,
 repeated KV heads are never materialised. Inputs of any stride are read as they are; results
 are copied into Y and LSE through their own strides. fp8 K/V are upcast to fp32; their
 per-head scales are folded into Q (for K) and into the result (for V), which is the same math
-as dequantizing every row. Keys outside ``[L - 1 - window_left, L)`` get score -inf and their
-V rows are zeroed, so whatever the cache holds there (even NaN) never reaches Y.
+as dequantizing every row. Keys outside ``[L - 1 - window_left, L)`` (and before
+``cache_leftpad``) get score -inf and their V rows are zeroed, so whatever the cache holds
+there (even NaN) never reaches Y. A paged cache is gathered through its block table into the
+contiguous cache it stands for: the reference, not the fast way.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class _Runner:
     def _valid_keys(self, args: DecodeArgs, device: Any) -> Any:
         """Bool [B, 1, 1, K_len]: the keys each batch entry attends to; None when all are."""
         torch, p = self.torch, self.problem
-        if not p.seqlens and p.window_left is None:
+        if not p.seqlens and p.window_left is None and not p.leftpad:
             return None
         if p.seqlens:  # device values are clamped, as in the CUDA kernel
             lengths = _as_torch(torch, args.seqlens).to(device=device, dtype=torch.int64)
@@ -79,7 +81,21 @@ class _Runner:
         valid = j < lengths[:, None]
         if p.window_left is not None:
             valid &= j >= (lengths - 1 - p.window_left)[:, None]
+        if p.leftpad:  # device values are clamped, as in the CUDA kernel
+            first = _as_torch(torch, args.cache_leftpad).to(device=device, dtype=torch.int64)
+            valid &= j >= first.clamp(0, p.kv_len)[:, None]
         return valid[:, None, None, :]
+
+    def _cache(self, view: TensorRef, table: Any) -> Any:
+        """K or V as [B, H_kv, K_len, D] fp32: a paged pool gathered through the block table
+        (ids clamped into the pool, as in the CUDA kernel; rows past seqlens are masked)."""
+        torch, p = self.torch, self.problem
+        x = _as_torch(torch, view)
+        if table is None:
+            return x.to(torch.float32)
+        pages = x[table].to(torch.float32)  # [B, max_pages, H_kv, page_size, D]
+        return pages.permute(0, 2, 1, 3, 4).reshape(p.batch, p.num_kv_heads, p.kv_len,
+                                                     p.head_dim)
 
     def _compute(self, args: DecodeArgs) -> None:
         torch, p = self.torch, self.problem
@@ -89,8 +105,10 @@ class _Runner:
         f32 = torch.float32
         qg = _as_torch(torch, args.q).to(f32).reshape(p.batch, p.num_kv_heads, p.group_size,
                                                        p.head_dim)
-        keys = _as_torch(torch, args.k).to(f32)
-        values = _as_torch(torch, args.v).to(f32)
+        table = None
+        if p.paged:
+            table = _as_torch(torch, args.block_table).to(torch.int64).clamp(0, p.num_pages - 1)
+        keys, values = self._cache(args.k, table), self._cache(args.v, table)
         valid = self._valid_keys(args, keys.device)
 
         scores = torch.matmul(qg * _per_kv_head(torch, p.k_scale, args.k_scale),

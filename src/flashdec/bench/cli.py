@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"measurement (default {ITERS}; medians of fewer are noisy)")
     parser.add_argument("--host-calls", type=int, default=HOST_CALLS,
                         help=f"calls in the host-overhead loops (default {HOST_CALLS}; 0 skips)")
+    parser.add_argument("--paged", choices=("auto", "yes", "no"), default="auto",
+                        help="the paged-KV section (paged vs contiguous cache, SDPA on the "
+                             "gathered cache, a ragged paged batch); auto: with the built-in "
+                             "full row set only")
     parser.add_argument("--json", default=None, help="write the results here (after every row)")
     parser.add_argument("--png", default=None, help="plot %% of copy bandwidth vs KV size here")
     parser.add_argument("--plot", metavar="JSON", default=None,
@@ -83,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.iters < ITERS:
         print(f"# note: --iters {args.iters} < {ITERS}: medians of fewer samples are noisy",
               file=sys.stderr)
+    paged = args.paged == "yes" or (args.paged == "auto" and not args.quick and not args.shapes)
     result = run(shapes, ["flashdec"] + peers, iters=args.iters, host_calls=args.host_calls,
-                 json_path=args.json, argv=["bench"] + argv)
+                 json_path=args.json, argv=["bench"] + argv, paged=paged)
     print(format_table(result))
     if args.png:
         plot(result, args.png)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .checks import GEOMEAN_VS_SDPA, summarize, targets
 from .compare import head_dim_orphans, impl_us, speedup
 from .host import host_overhead_text
+from .paged import paged_text
 from .peers import FP8_NA, IMPLS, LABELS
 from .rows import Shape
 from .timing import ITERS
@@ -83,6 +84,7 @@ def format_table(result: dict) -> str:
     if notes:
         lines += ["", "notes:"] + notes
     lines += ["", "Host overhead: " + host_overhead_text(result.get("host_overhead"))]
+    lines += paged_text(result.get("paged"))
     summary = result.get("summary") or summarize(result)
     if summary["twins"]:
         lines += ["", "Twins (flashdec, graph): time ratio, % copy ratio"]

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 from .checks import summarize
 from .host import HOST_CALLS, host_overhead, host_overhead_text
 from .measure import bench_row
+from .paged import paged_section, paged_text
 from .peers import DEFAULT_IMPLS
 from .probe import environment
 from .report import us_text
@@ -23,12 +24,14 @@ ERR_WARN = 2e-2                            # relative max error vs the torch bac
 
 def run(shapes: Iterable[Shape] | None = None, impls: Iterable[str] = DEFAULT_IMPLS, *,
         iters: int = ITERS, host_calls: int = HOST_CALLS, json_path: str | None = None,
-        log: Any = sys.stderr, argv: list[str] | None = None, device: str = "cuda") -> dict:
+        log: Any = sys.stderr, argv: list[str] | None = None, device: str = "cuda",
+        paged: bool = False) -> dict:
     """The whole benchmark on the current GPU; returns the results (JSON-ready) and, with
     ``json_path``, rewrites that file after every row (a crash keeps the rows done).
 
-    Order: environment, copy bandwidth, host overhead, then the rows; progress on ``log``.
-    ``device`` other than cuda is for tests (with the timers replaced)."""
+    Order: environment, copy bandwidth, host overhead, the rows, then (``paged``) the paged-KV
+    section; progress on ``log``. ``device`` other than cuda is for tests (with the timers
+    replaced)."""
     started = time.perf_counter()
     shapes = list(default_shapes() if shapes is None else shapes)
     impls = list(impls)
@@ -59,6 +62,9 @@ def run(shapes: Iterable[Shape] | None = None, impls: Iterable[str] = DEFAULT_IM
         result["elapsed_s"] = time.perf_counter() - started
         if json_path:
             write_json(result, json_path)
+    if paged:
+        result["paged"] = paged_section(iters)
+        say("\n".join(paged_text(result["paged"])))
     result["summary"] = summarize(result)
     result["elapsed_s"] = time.perf_counter() - started
     sync(device)

@@ -183,10 +183,10 @@ def _mma_fits(dtype: DType, head_dim: int) -> bool:
     return dtype in MMA_DTYPES and head_dim in MMA_HEAD_DIMS
 
 
-def _select(dtype: DType, kv: DType, d: int, group_size: int,
-            vector_strides: bool) -> tuple[KernelSpec, SimtSpec]:
+def _select(dtype: DType, kv: DType, d: int, group_size: int, vector_strides: bool,
+            mma: bool = True) -> tuple[KernelSpec, SimtSpec]:
     slow = _simt(dtype, kv, 1, d, _simt_group_tile(group_size))
-    if vector_strides and _mma_fits(dtype, d):
+    if vector_strides and mma and _mma_fits(dtype, d):
         return _mma(dtype, kv, d), slow
     vec = VECTOR_BYTES // dtype.itemsize
     if vector_strides and kv == dtype and d % vec == 0:
@@ -198,16 +198,22 @@ def choose_kernels(problem: DecodeProblem, vector_strides: bool) -> tuple[Kernel
     """(kernel for 16-byte aligned K/V pointers, element-wise kernel for any pointer).
 
     ``vector_strides``: K and V have unit innermost stride and every other stride a multiple
-    of 16 bytes, so aligned base pointers make every row 16-byte aligned.
+    of 16 bytes, so aligned base pointers make every row 16-byte aligned. A paged cache takes
+    the tensor-core kernel only with pages of a whole number of its 16-row blocks (a block
+    then lies in one page); other page sizes take the CUDA-core kernel, which finds each
+    row's page.
     """
     return _select(problem.dtype, problem.kv_dtype, problem.head_dim, problem.group_size,
-                   vector_strides)
+                   vector_strides, mma=problem.page_size is None
+                   or problem.page_size % BLOCK_ROWS == 0)
 
 
 def kernels_for(dtype: DType, kv_dtype: DType, head_dim: int, group_size: int) -> set[KernelSpec]:
-    """Every kernel a problem of this shape can select (any layout, any pointer): the choice
-    with vector strides holds the element-wise kernel every other layout takes."""
-    return set(_select(dtype, kv_dtype, head_dim, group_size, vector_strides=True))
+    """Every kernel a problem of this shape can select (any layout, any pointer, any page
+    size): the choices with vector strides hold the element-wise kernel every other layout
+    takes."""
+    return {spec for mma in (True, False)
+            for spec in _select(dtype, kv_dtype, head_dim, group_size, True, mma=mma)}
 
 
 def kv_dtypes_for(dtype: DType) -> tuple[DType, ...]:

@@ -94,6 +94,7 @@ def _point(p: DecodeParams, ptrs: DecodeArgs, seqlens: int | None) -> None:
     """Write a call's data pointers into a parameter struct."""
     p.q, p.k, p.v, p.out = ptrs.q, ptrs.k, ptrs.v, ptrs.out
     p.lse, p.k_scale, p.v_scale, p.seqlens = ptrs.lse, ptrs.k_scale, ptrs.v_scale, seqlens
+    p.block_table, p.leftpad = ptrs.block_table, ptrs.cache_leftpad
 
 
 def _set_strides(array: Any, layout: Layout | None) -> None:
@@ -118,6 +119,11 @@ class Runner:
             layout = getattr(layouts, name)
             if layout is not None:
                 setattr(p, f"{name}_stride", layout[1][0])
+        if layouts.cache_leftpad is not None:
+            p.leftpad_stride = layouts.cache_leftpad[1][0]
+        if problem.paged:
+            p.block_table_stride[:] = layouts.block_table[1]
+            p.page_size, p.num_pages = problem.page_size, problem.num_pages
         p.q_vector = int(_rows_are_chunks(layouts.q))
         p.kv_len = problem.kv_len
         p.head_dim = problem.head_dim

@@ -3,8 +3,10 @@
 // For batch b, query head h of KV head g = h / group_size and the keys j in [lo_b, hi_b):
 //     s_j = scale * k_scale[g] * Q[b, h] . K[b, g, j]          (softcap * tanh(s_j / softcap))
 //     Y[b, h] = v_scale[g] * sum_j softmax(s)_j V[b, g, j],    LSE[b, h] = log sum_j exp(s_j)
-// hi_b = clamp(seqlens[b], 0, kv_len) (kv_len without seqlens), lo_b = hi_b - 1 - window_left
-// (0 without a window). Grid: x = split of the KV capacity * num_group_tiles + group tile,
+// hi_b = clamp(seqlens[b], 0, kv_len) (kv_len without seqlens), lo_b = max(hi_b - 1 -
+// window_left, leftpad[b]) (0 without either). K[b, g, j] is row j of a per-sequence cache,
+// or, paged, row j % page_size of page block_table[b][j / page_size] of a pool (page_of).
+// Grid: x = split of the KV capacity * num_group_tiles + group tile,
 // y = kv_head, z = batch. A CTA serves every query head of its group tile, so each K/V row is
 // read from HBM once for the whole tile; the tiles of one split are adjacent in launch order,
 // so with several tiles (MQA) they read the same rows at the same time and share them in L2.
@@ -90,6 +92,8 @@ struct DecodeParams {
     float* partial_o;      // [slots][num_splits][GT][head_dim]
     float* partial_ml;     // [slots][num_splits][GT][2] (max, sum), base-2 logits
     int* arrivals;         // [slots], zero between launches
+    const int* block_table;  // [B, max_pages] page ids of a paged cache, or null (K/V per sequence)
+    const int* leftpad;    // [B] first attended key of each sequence, or null (0)
     long long q_stride[3];
     long long k_stride[4];
     long long v_stride[4];
@@ -98,9 +102,12 @@ struct DecodeParams {
     long long seqlens_stride;
     long long k_scale_stride;
     long long v_scale_stride;
-    long long kv_len;      // capacity: the split layout covers it
+    long long block_table_stride[2];
+    long long leftpad_stride;
+    long long kv_len;      // capacity: the split layout covers it (paged: max_pages * page_size)
     long long split_rows;
     long long window_left; // < 0: no window
+    long long num_pages;   // paged: pool pages; a page id is clamped into [0, num_pages)
     int head_dim;
     int group_size;
     int num_group_tiles;
@@ -108,6 +115,7 @@ struct DecodeParams {
     int group_tile;        // query heads per CTA (the partials' middle extent)
     int combine;           // nonzero: combine_kernel merges the partials (no last-CTA merge)
     int q_vector;          // Q rows are whole 16-byte chunks (unit stride, 16-byte strides)
+    int page_size;         // paged: K/V rows per page (the MMA kernel: a multiple of kBlockRows)
     float qk_scale;        // scale * log2(e); scale / softcap with a softcap
     float softcap_log2;    // softcap * log2(e); 0: no softcap
     float k_scale_value;   // multiplies k_scale[g] (or alone when k_scale is null)
@@ -159,8 +167,12 @@ __device__ __forceinline__ float logit(float acc, float softcap_log2) {
     return softcap_log2 != 0.f ? tanhf(acc) * softcap_log2 : acc;
 }
 
+__device__ __forceinline__ long long clamp_page(const DecodeParams& p, int id) {
+    return id < 0 ? 0 : (id >= p.num_pages ? p.num_pages - 1 : id);
+}
+
 // The rows [lo, hi) of batch entry b that attention reads: seqlens clamped to the capacity,
-// then the window.
+// then the window and the left padding (clamped likewise).
 __device__ __forceinline__ void live_rows(const DecodeParams& p, int b, long long& lo, long long& hi) {
     hi = p.kv_len;
     if (p.seqlens != nullptr) {
@@ -169,6 +181,24 @@ __device__ __forceinline__ void live_rows(const DecodeParams& p, int b, long lon
     }
     lo = 0;
     if (p.window_left >= 0 && hi - 1 - p.window_left > 0) lo = hi - 1 - p.window_left;
+    if (p.leftpad != nullptr) {
+        const long long first = p.leftpad[b * p.leftpad_stride];
+        lo = max(lo, first < 0 ? 0 : (first < p.kv_len ? first : p.kv_len));
+    }
+}
+
+// Where key row j of batch entry b lives: returns the page and sets `row`, its row in the
+// page. A per-sequence cache is one page per batch entry (page b, row j); a paged cache's
+// page is block_table[b][j / page_size], clamped into the pool so that no id can send a read
+// outside it. Key positions fit int32 in a paged cache (the host checks its capacity).
+__device__ __forceinline__ long long page_of(const DecodeParams& p, int b, long long j, long long& row) {
+    if (p.block_table == nullptr) {
+        row = j;
+        return b;
+    }
+    const int i = (int)j / p.page_size;
+    row = j - (long long)i * p.page_size;
+    return clamp_page(p, __ldg(p.block_table + b * p.block_table_stride[0] + i * p.block_table_stride[1]));
 }
 
 __device__ __forceinline__ float kv_scale(const float* per_head, long long stride, float value, int g) {
@@ -574,19 +604,25 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     live_rows(p, b, lo, hi);
     const long long start = max(lo, (long long)split * p.split_rows);
     const long long end = min(hi, (long long)(split + 1) * p.split_rows);
-    const int blocks = end > start ? (int)((end - start + kBlockRows - 1) / kBlockRows) : 0;
+    // A paged cache's blocks start on the grid of kBlockRows rows, so that each lies in one
+    // page (the host takes this kernel for page sizes that are multiples of kBlockRows); rows
+    // of the first block below `start` are neither read nor attended.
+    const bool paged = p.block_table != nullptr;
+    const long long first = paged ? start / kBlockRows * kBlockRows : start;
+    const int blocks = end > start ? (int)((end - first + kBlockRows - 1) / kBlockRows) : 0;
     const int my_blocks = blocks > warp ? (blocks - warp + kWarps - 1) / kWarps : 0;
     FLASHDEC_TRACE_POINT(12);
 
     const float ks = kv_scale(p.k_scale, p.k_scale_stride, p.k_scale_value, kv_head);
     float qk = p.qk_scale * ks;
-    const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
-    const KV* v = static_cast<const KV*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[1];
+    // This head's rows of batch entry b (of page 0 of the pool when paged).
+    const KV* k = static_cast<const KV*>(p.k) + (paged ? 0 : b * p.k_stride[0]) + kv_head * p.k_stride[1];
+    const KV* v = static_cast<const KV*>(p.v) + (paged ? 0 : b * p.v_stride[0]) + kv_head * p.v_stride[1];
     unsigned char* ring = main_s + warp * STAGES * 2 * L::kBlockBytes;
 
     // This warp's i-th block starts at row block_row(i); rows at or past `end` are neither
     // read nor used (zero-filled, masked).
-    auto block_row = [&](int i) { return start + (long long)(i * kWarps + warp) * kBlockRows; };
+    auto block_row = [&](int i) { return first + (long long)(i * kWarps + warp) * kBlockRows; };
     // cp.async plan: when a row is a whole number of lane-chunks, lane copies chunk `ch` of
     // rows h, h + ROW_STEP, ... of each block, so the addresses advance by constant strides.
     constexpr bool kRegular = 32 % CPR == 0;
@@ -594,24 +630,46 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     const int ch = lane % CPR, h = kRegular ? lane / CPR : 0;
     constexpr int kElemsPerChunk = 16 / (int)sizeof(KV);
     const long long ks_row = p.k_stride[2], vs_row = p.v_stride[2];
-    const KV* k_safe = k + start * ks_row;  // a row every non-empty split has
-    const KV* v_safe = v + start * vs_row;
+    const KV* k_safe = paged ? k : k + start * ks_row;  // a row every non-empty split has
+    const KV* v_safe = paged ? v : v + start * vs_row;
     // This lane's source for the warp's next block, advanced by a constant after each block
     // (pointer bumps, not a 64-bit row * stride product per copy).
+    // (Paged: set per block from the block's page.)
     const char* k_next = reinterpret_cast<const char*>(
-        k + (start + warp * kBlockRows + h) * ks_row + ch * kElemsPerChunk);
+        k + (first + warp * kBlockRows + h) * ks_row + ch * kElemsPerChunk);
     const char* v_next = reinterpret_cast<const char*>(
-        v + (start + warp * kBlockRows + h) * vs_row + ch * kElemsPerChunk);
+        v + (first + warp * kBlockRows + h) * vs_row + ch * kElemsPerChunk);
     const long long k_copy_step = ks_row * (long long)sizeof(KV) * ROW_STEP;
     const long long v_copy_step = vs_row * (long long)sizeof(KV) * ROW_STEP;
     const long long k_block_step = ks_row * (long long)sizeof(KV) * kWarps * kBlockRows;
     const long long v_block_step = vs_row * (long long)sizeof(KV) * kWarps * kBlockRows;
 
+    // Paged: the block table entry of the next block load_block issues, read a block ahead
+    // so that its latency hides behind a block of work instead of delaying the copies.
+    auto table_entry = [&](int i) {
+        return __ldg(p.block_table + b * p.block_table_stride[0] +
+                     (int)block_row(i) / p.page_size * p.block_table_stride[1]);
+    };
+    int next_page_id = paged && my_blocks > 0 ? table_entry(0) : 0;
+
     // Issue the cp.async copies of this warp's i-th block into ring slot i % STAGES; called
     // for i = 0, 1, 2, ... in order.
     auto load_block = [&](int i) {
-        const long long left = end - block_row(i);
+        const long long row0 = block_row(i);
+        const long long left = end - row0;
         const int valid = left < kBlockRows ? (int)left : kBlockRows;
+        const int skip = row0 < start ? (int)(start - row0) : 0;  // paged: rows below start
+        const KV* kb = k + row0 * ks_row;  // the block's first row
+        const KV* vb = v + row0 * vs_row;
+        if (paged) {
+            const long long page = clamp_page(p, next_page_id);
+            if (i + 1 < my_blocks) next_page_id = table_entry(i + 1);
+            const long long r = row0 - (long long)((int)row0 / p.page_size) * p.page_size;
+            kb = k + page * p.k_stride[0] + r * ks_row;
+            vb = v + page * p.v_stride[0] + r * vs_row;
+            k_next = reinterpret_cast<const char*>(kb + h * ks_row + ch * kElemsPerChunk);
+            v_next = reinterpret_cast<const char*>(vb + h * vs_row + ch * kElemsPerChunk);
+        }
         unsigned char* ks_ = ring + (i % STAGES) * 2 * L::kBlockBytes;
         unsigned char* vs_ = ks_ + L::kBlockBytes;
         if constexpr (kRegular) {
@@ -620,7 +678,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
 #pragma unroll
             for (int it = 0; it < kBlockRows / ROW_STEP; ++it) {
                 const int r = h + it * ROW_STEP;
-                const bool ok = r < valid;
+                const bool ok = r >= skip && r < valid;
                 const int dst = swizzle<KC>(r, ch);
                 cp_async16(ks_ + dst * 16, ok ? static_cast<const void*>(kp) : k_safe, ok);
                 cp_async16(vs_ + dst * 16, ok ? static_cast<const void*>(vp) : v_safe, ok);
@@ -630,16 +688,15 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
             k_next += k_block_step;
             v_next += v_block_step;
         } else {
-            const long long row0 = block_row(i);
 #pragma unroll
             for (int it = 0; it < (kBlockRows * CPR + 31) / 32; ++it) {
                 const int c = lane + it * 32;
                 if ((kBlockRows * CPR) % 32 != 0 && c >= kBlockRows * CPR) break;
                 const int r = c / CPR, cc = c % CPR;
-                const bool ok = r < valid;
+                const bool ok = r >= skip && r < valid;
                 const int dst = swizzle<KC>(r, cc);
-                cp_async16(ks_ + dst * 16, ok ? k + (row0 + r) * ks_row + cc * kElemsPerChunk : k_safe, ok);
-                cp_async16(vs_ + dst * 16, ok ? v + (row0 + r) * vs_row + cc * kElemsPerChunk : v_safe, ok);
+                cp_async16(ks_ + dst * 16, ok ? kb + r * ks_row + cc * kElemsPerChunk : k_safe, ok);
+                cp_async16(vs_ + dst * 16, ok ? vb + r * vs_row + cc * kElemsPerChunk : v_safe, ok);
             }
         }
     };
@@ -836,12 +893,16 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
                 for (int c = 0; c < 4; ++c) x[hh][c] = tanhf(x[hh][c]) * p.softcap_log2;
         }
         const long long left = end - block_row(i);
-        if (left < kBlockRows) {
+        const int below = block_row(i) < start ? (int)(start - block_row(i)) : 0;  // paged
+        if (left < kBlockRows || below > 0) {
+            const int live_end = left < kBlockRows ? (int)left : kBlockRows;
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-                for (int c = 0; c < 4; ++c)
-                    if ((c >> 1) * 8 + 2 * t + (c & 1) >= (int)left) x[hh][c] = FLASHDEC_NEG_INF;
+                for (int c = 0; c < 4; ++c) {
+                    const int r = (c >> 1) * 8 + 2 * t + (c & 1);
+                    if (r >= live_end || r < below) x[hh][c] = FLASHDEC_NEG_INF;
+                }
         }
         unsigned pa[4];
 #pragma unroll
@@ -991,8 +1052,8 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
     const int D = p.head_dim;
 
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
-    const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
-    const KV* v = static_cast<const KV*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[1];
+    const KV* k = static_cast<const KV*>(p.k) + kv_head * p.k_stride[1];  // + the row's page
+    const KV* v = static_cast<const KV*>(p.v) + kv_head * p.v_stride[1];
     const float qk = p.qk_scale * kv_scale(p.k_scale, p.k_scale_stride, p.k_scale_value, kv_head);
 
     float qx[GT][NCH][VEC];
@@ -1036,12 +1097,16 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             valid[r] = row0 + r < end;
+            long long row = 0;
+            const long long page = valid[r] ? page_of(p, b, row0 + r, row) : 0;
+            const KV* k_row = k + page * p.k_stride[0] + row * p.k_stride[2];
+            const KV* v_row = v + page * p.v_stride[0] + row * p.v_stride[2];
 #pragma unroll
             for (int c = 0; c < NCH; ++c) {
                 const int e = (c * TPR + lane) * VEC;
                 if (valid[r] && e < D) {
-                    load_chunk<KV, VEC>(k + (row0 + r) * p.k_stride[2] + e * p.k_stride[3], kx[r][c]);
-                    load_chunk<KV, VEC>(v + (row0 + r) * p.v_stride[2] + e * p.v_stride[3], vx[r][c]);
+                    load_chunk<KV, VEC>(k_row + e * p.k_stride[3], kx[r][c]);
+                    load_chunk<KV, VEC>(v_row + e * p.v_stride[3], vx[r][c]);
                 } else {
 #pragma unroll
                     for (int i = 0; i < VEC; ++i) { kx[r][c][i] = 0.f; vx[r][c][i] = 0.f; }
