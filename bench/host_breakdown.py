@@ -18,6 +18,7 @@ k = torch.randn(1, 8, 16, 64, device="cuda", dtype=torch.bfloat16)
 v = torch.randn_like(k)
 out = torch.empty_like(q)
 p = flashdec.plan(q, k, v, out, backend="cuda")
+p.run(q, k, v, out)  # the parameter struct the bare launch passes now holds these pointers
 runner, fast = p._runner, p._fast
 launch = runner.fast
 given = DecodeArgs(q, k, v, out, None, None, None, None)

@@ -124,6 +124,8 @@ class Runner:
         if problem.paged:
             p.block_table_stride[:] = layouts.block_table[1]
             p.page_size, p.num_pages = problem.page_size, problem.num_pages
+            size = problem.page_size
+            p.page_shift = size.bit_length() - 1 if size & (size - 1) == 0 else -1
         p.q_vector = int(_rows_are_chunks(layouts.q))
         p.kv_len = problem.kv_len
         p.head_dim = problem.head_dim

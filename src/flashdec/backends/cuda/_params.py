@@ -33,6 +33,7 @@ class DecodeParams(ctypes.Structure):
         ("num_group_tiles", ctypes.c_int32), ("num_splits", ctypes.c_int32),
         ("group_tile", ctypes.c_int32), ("combine", ctypes.c_int32),
         ("q_vector", ctypes.c_int32), ("page_size", ctypes.c_int32),
+        ("page_shift", ctypes.c_int32),
         ("qk_scale", ctypes.c_float), ("softcap_log2", ctypes.c_float),
         ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
     ]

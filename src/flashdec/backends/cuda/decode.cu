@@ -116,6 +116,7 @@ struct DecodeParams {
     int combine;           // nonzero: combine_kernel merges the partials (no last-CTA merge)
     int q_vector;          // Q rows are whole 16-byte chunks (unit stride, 16-byte strides)
     int page_size;         // paged: K/V rows per page (the MMA kernel: a multiple of kBlockRows)
+    int page_shift;        // log2(page_size) when a power of two, else -1
     float qk_scale;        // scale * log2(e); scale / softcap with a softcap
     float softcap_log2;    // softcap * log2(e); 0: no softcap
     float k_scale_value;   // multiplies k_scale[g] (or alone when k_scale is null)
@@ -167,6 +168,11 @@ __device__ __forceinline__ float logit(float acc, float softcap_log2) {
     return softcap_log2 != 0.f ? tanhf(acc) * softcap_log2 : acc;
 }
 
+// The page of key position j of a paged cache (a shift for power-of-two page sizes).
+__device__ __forceinline__ int page_index(const DecodeParams& p, int j) {
+    return p.page_shift >= 0 ? j >> p.page_shift : j / p.page_size;
+}
+
 __device__ __forceinline__ long long clamp_page(const DecodeParams& p, int id) {
     return id < 0 ? 0 : (id >= p.num_pages ? p.num_pages - 1 : id);
 }
@@ -196,7 +202,7 @@ __device__ __forceinline__ long long page_of(const DecodeParams& p, int b, long 
         row = j;
         return b;
     }
-    const int i = (int)j / p.page_size;
+    const int i = page_index(p, (int)j);
     row = j - (long long)i * p.page_size;
     return clamp_page(p, __ldg(p.block_table + b * p.block_table_stride[0] + i * p.block_table_stride[1]));
 }
@@ -644,13 +650,19 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     const long long k_block_step = ks_row * (long long)sizeof(KV) * kWarps * kBlockRows;
     const long long v_block_step = vs_row * (long long)sizeof(KV) * kWarps * kBlockRows;
 
-    // Paged: the block table entry of the next block load_block issues, read a block ahead
-    // so that its latency hides behind a block of work instead of delaying the copies.
+    // Paged: the block-table entries of the next kTableAhead blocks load_block issues, read
+    // ahead so that their latency (an L2 round trip under a full HBM stream) hides behind
+    // blocks of work instead of delaying the copies.
+    constexpr int kTableAhead = 2;
     auto table_entry = [&](int i) {
-        return __ldg(p.block_table + b * p.block_table_stride[0] +
-                     (int)block_row(i) / p.page_size * p.block_table_stride[1]);
+        return paged && i < my_blocks
+            ? __ldg(p.block_table + b * p.block_table_stride[0] +
+                    page_index(p, (int)block_row(i)) * p.block_table_stride[1])
+            : 0;
     };
-    int next_page_id = paged && my_blocks > 0 ? table_entry(0) : 0;
+    int ahead[kTableAhead];
+#pragma unroll
+    for (int j = 0; j < kTableAhead; ++j) ahead[j] = table_entry(j);
 
     // Issue the cp.async copies of this warp's i-th block into ring slot i % STAGES; called
     // for i = 0, 1, 2, ... in order.
@@ -662,9 +674,11 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
         const KV* kb = k + row0 * ks_row;  // the block's first row
         const KV* vb = v + row0 * vs_row;
         if (paged) {
-            const long long page = clamp_page(p, next_page_id);
-            if (i + 1 < my_blocks) next_page_id = table_entry(i + 1);
-            const long long r = row0 - (long long)((int)row0 / p.page_size) * p.page_size;
+            const long long page = clamp_page(p, ahead[0]);
+#pragma unroll
+            for (int j = 0; j + 1 < kTableAhead; ++j) ahead[j] = ahead[j + 1];
+            ahead[kTableAhead - 1] = table_entry(i + kTableAhead);
+            const long long r = row0 - (long long)page_index(p, (int)row0) * p.page_size;
             kb = k + page * p.k_stride[0] + r * ks_row;
             vb = v + page * p.v_stride[0] + r * vs_row;
             k_next = reinterpret_cast<const char*>(kb + h * ks_row + ch * kElemsPerChunk);
