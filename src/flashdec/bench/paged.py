@@ -1,5 +1,5 @@
 """The paged-KV section (:func:`paged_section`): flashdec over a paged cache (pages in random
-order) against the same bytes as a contiguous cache, against torch SDPA on the gathered cache
+order) against the same bytes as a contiguous cache (both given the lengths as seqlens), against torch SDPA on the gathered cache
 with the gather counted (what a user without a paged decode does), and a FlashInfer-style
 ragged batch against a uniform batch of the same bytes; graph mode, interleaved twice."""
 
@@ -55,10 +55,12 @@ def _paged_row(torch: Any, flashdec: Any, dims: tuple, page_size: int, iters: in
     table = table.to(torch.int32)  # pages in random order
     k_pool, v_pool = _pool(torch, k, table, page_size), _pool(torch, v, table, page_size)
     seqlens = torch.full((b,), klen, dtype=torch.int32, device="cuda")
-    contiguous = flashdec.plan(q, k, v, out_c, backend="cuda")
+    # the contiguous twin gets the same lengths: with seqlens the split rule cuts finer
+    # splits (live lengths may vary), so the twin without them is another layout
+    contiguous = flashdec.plan(q, k, v, out_c, seqlens=seqlens, backend="cuda")
     paged = flashdec.plan(q, k_pool, v_pool, out_p, block_table=table, seqlens=seqlens,
                           backend="cuda")
-    fns = {"contiguous": lambda: contiguous.run(q, k, v, out_c),
+    fns = {"contiguous": lambda: contiguous.run(q, k, v, out_c, seqlens=seqlens),
            "paged": lambda: paged.run(q, k_pool, v_pool, out_p, block_table=table,
                                       seqlens=seqlens)}
 
@@ -125,6 +127,7 @@ def paged_text(section: dict | None) -> list[str]:
     if not section:
         return []
     lines = ["", "Paged KV (graph us, pages in random order, mean of two interleaved medians; "
+             "the contiguous twin gets the same seqlens; "
              f"targets: paged / contiguous <= {PAGED_TARGET:.2f}, ragged / uniform <= "
              f"{RAGGED_TARGET:.2f})", "",
              "| B,H_q,H_kv,K,D | page | KV MB | contiguous | paged | paged / contiguous | "
