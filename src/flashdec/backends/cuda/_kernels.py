@@ -36,7 +36,10 @@ MAX_SIMT_GROUP_TILE = 8
 MMA_HEAD_DIMS = (64, 80, 96, 112, 128, 160, 192, 256)
 VECTOR_BYTES = 16
 MIN_SPLIT_ROWS = 128   # below this a split's fixed costs (Q load, merge) outweigh its rows
-RAGGED_SPLIT_FACTOR = 4  # with seqlens: splits of a quarter the size (empty ones exit at once)
+# With seqlens: splits of half the size, so that short rows (their empty splits exit at once)
+# balance out. 4 cost uniform lengths 3-14% over no seqlens, 2 costs 0-11% and is as fast on
+# ragged batches (bench/ragged_factor.py, bench/NOTES.md): engines pass seqlens every step.
+RAGGED_SPLIT_FACTOR = 2
 SMEM_PER_SM = 228 * 1024   # sm_80 / sm_90 shared memory per SM (227 KB at most per CTA)
 SMEM_RESERVED = 2 * 1024   # per CTA: the 1 KB the driver reserves, and slack
 MMA_DTYPES = (DType.float16, DType.bfloat16)
