@@ -14,12 +14,14 @@ __version__ = "0.1.0"
 from typing import Sequence
 
 from ._api import BoundDecode, DecodePlan, decode, merge_states, plan
+from ._append import append_kv
 from ._contract import BackendOptions, DecodeArgs, DecodeProblem, MergeProblem
 from ._dtypes import DType
 from ._errors import (BackendUnavailableError, CacheError, CompilationError, ContractError,
                       CudaError, FlashDecError, UnsupportedError)
 from ._registry import Backend, available_backends, get_backend, register_backend
 from ._views import Device, Tensor, TensorMut, TensorRef
+from .paging import block_table_from_page_list
 from . import backends as _backends  # registers the built-in backends
 
 
@@ -83,6 +85,8 @@ __all__ = [
     "DecodePlan",
     "BoundDecode",
     "merge_states",
+    "append_kv",
+    "block_table_from_page_list",
     "DecodeProblem",
     "DecodeArgs",
     "BackendOptions",

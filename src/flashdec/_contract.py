@@ -25,7 +25,7 @@ from ._views import Device, TensorMut, TensorRef
 
 __all__ = ["DecodeProblem", "DecodeArgs", "MergeProblem", "BackendOptions", "COMPUTE_DTYPES",
            "KV_DTYPES_FP8", "MAX_SPLITS", "FP32_RANGE", "ARG_NAMES", "validate", "validate_merge",
-           "check_aliasing", "check_host_seqlens", "check_host_values", "check_no_overlap",
+           "check_aliasing", "check_distinct_elements", "check_host_seqlens", "check_host_values", "check_no_overlap",
            "check_rank", "Layout", "layouts"]
 
 COMPUTE_DTYPES = (DType.float16, DType.bfloat16, DType.float32)
@@ -210,19 +210,24 @@ def _check_strides(name: str, view: TensorRef) -> None:
 
 
 def _check_output(name: str, view: TensorRef) -> None:
-    """An output is writable and its elements are distinct memory: no stride 0, no
-    overlapping axes."""
+    """An output is writable and its elements are distinct memory."""
     if view.readonly:
         raise ContractError(f"{name} is read-only; pass a writable {name} or {name}=None")
+    check_distinct_elements(name, tuple(view.shape), tuple(view.strides))
+
+
+def check_distinct_elements(name: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
+    """Each element of a tensor that is written is its own memory: no stride 0 on an axis of
+    extent > 1, no axes that overlap."""
     reach = 0  # elements spanned by the axes taken so far, in stride order
-    for stride, extent in sorted((s, e) for e, s in zip(view.shape, view.strides) if e > 1):
+    for stride, extent in sorted((s, e) for e, s in zip(shape, strides) if e > 1):
         if stride == 0:
             raise ContractError(f"{name} has stride 0 on an axis of extent {extent} (strides "
-                                f"{view.strides}, shape {view.shape}): threads would race "
-                                f"writing the same element")
+                                f"{strides}, shape {shape}): writes to its elements would "
+                                f"race on the same memory")
         if stride <= reach:
-            raise ContractError(f"{name} has overlapping strides {view.strides} for shape "
-                                f"{view.shape}: two output elements share memory")
+            raise ContractError(f"{name} has overlapping strides {strides} for shape "
+                                f"{shape}: two of its elements share memory")
         reach += stride * (extent - 1)
 
 

@@ -210,10 +210,11 @@ def extent_bytes(shape: Sequence[int], strides: Sequence[int], itemsize: int) ->
     return (sum((e - 1) * s for e, s in zip(shape, strides)) + 1) * itemsize
 
 
-def _from_torch(cls, x: Any, name: str) -> TensorRef:
-    """The view of a torch tensor, built where its data pointer is read. Refused here, so on
-    every path: a tensor that is not strided memory, a lazy view whose memory holds other
-    values than it reads as (the negative or conjugate bit), a tensor autograd tracks."""
+def check_torch_tensor(x: Any, name: str) -> None:
+    """Refuse a torch tensor flashdec cannot read or write as memory: not strided, a lazy view
+    whose memory holds other values than it reads as (the negative or conjugate bit), tracked
+    by autograd, or on a device other than CPU and CUDA. Every path that takes torch tensors
+    calls this (views, append_kv)."""
     torch = sys.modules["torch"]
     if x.layout is not torch.strided:
         raise ContractError(f"{name} is a {x.layout} tensor; flashdec reads dense strided "
@@ -230,9 +231,15 @@ def _from_torch(cls, x: Any, name: str) -> TensorRef:
         raise ContractError(f"{name} requires grad; flashdec computes no gradients and its "
                             f"results carry no autograd history: pass {name}.detach() (or "
                             f"make it under torch.no_grad())")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ContractError(f"{name} is on {x.device}; flashdec reads CPU and CUDA memory")
+
+
+def _from_torch(cls, x: Any, name: str) -> TensorRef:
+    """The view of a torch tensor, built where its data pointer is read (after
+    :func:`check_torch_tensor`, so the refusals hold on every path)."""
+    check_torch_tensor(x, name)
     dev = x.device
-    if dev.type not in ("cpu", "cuda"):
-        raise ContractError(f"{name} is on {dev}; flashdec reads CPU and CUDA memory")
     try:
         ptr, strides = x.data_ptr(), x.stride()
     except RuntimeError as exc:  # tensors without storage (fake, functional, ...)
