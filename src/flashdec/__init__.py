@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import sys as _sys
 from typing import Sequence
 
 from ._api import BoundDecode, DecodePlan, decode, merge_states, plan
@@ -23,6 +24,9 @@ from ._registry import Backend, available_backends, get_backend, register_backen
 from ._views import Device, Tensor, TensorMut, TensorRef
 from .paging import block_table_from_page_list
 from . import backends as _backends  # registers the built-in backends
+
+if "torch" in _sys.modules:  # flashdec::decode, for torch.compile (else on first compile)
+    from . import _torch_op  # noqa: F401
 
 
 def precompile(dtypes: Sequence[str | DType] = ("float16", "bfloat16", "float32"),

@@ -4,6 +4,7 @@ the contract, backend choice, launch. The plan lives in ``_plan``, decode's plan
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 from . import _args, _plan_cache
@@ -17,6 +18,12 @@ from ._streams import dlpack_stream, stream_handle
 from ._views import Lengths, Scale, Tensor, TensorMut, TensorRef
 
 __all__ = ["decode", "plan", "DecodePlan", "BoundDecode", "merge_states"]
+
+
+def _torch_compiling() -> bool:
+    """torch.compile is tracing this call (``flashdec::decode`` then stands for it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
 
 
 def _validated(given: DecodeArgs, backend: str | None, stream: int | None,
@@ -154,6 +161,11 @@ def decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
     """
     given = _args.bundle(q, k, v, out, seqlens, k_scale, v_scale, lse_out, block_table,
                          cache_leftpad)
+    if _torch_compiling():  # torch.compile traces the custom op, not this body
+        from . import _torch_op
+
+        return _torch_op.compiled_decode(given, scale, softcap, window_left, return_lse,
+                                         backend, options)
     key = _plan_cache.key(given, stream, (scale, softcap, window_left, return_lse), backend,
                           options)
     if key is not None:
