@@ -84,8 +84,9 @@ def test_plan_details_and_repr_say_how_it_runs():
     q, k, v = make_qkv(2, 8, 2, 100, 64, "float32", "cpu", seed=1)
     p = flashdec.plan(q, k, v, backend="torch")
     details = p.details
-    assert details == {"kernel": "torch reference (fp32 math)", "num_splits": 1,
+    assert details == {"kernel": "torch (SDPA, or fp32 math for softcap and LSE)", "num_splits": 1,
                        "merge": "none", "workspace_bytes": 0}
     details["kernel"] = "changed"
     assert p.details["kernel"] != "changed"  # a copy each time
-    assert "kernel='torch reference (fp32 math)'" in repr(p) and "num_splits=1" in repr(p)
+    assert "kernel='torch (SDPA, or fp32 math for softcap and LSE)'" in repr(p)
+    assert "num_splits=1" in repr(p)

@@ -180,7 +180,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
         if fast is not None:
             # the key matched every tensor's layout (and read the stream), so the run checks
             # only the overlap; an overlap goes to the general path, which names it
-            done = fast.run(given, key[_plan_cache.KEY_STREAM])
+            done = fast.run(given, key[_plan_cache.KEY_STREAM], layouts_known=True)
             if done is not None:
                 return done
         return found.run_checked(given, None)

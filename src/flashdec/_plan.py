@@ -51,27 +51,39 @@ def _strides_to_check(layout: Layout) -> tuple[int, ...] | None:
 
 
 class TorchFastPath:
-    """A plan's layouts as torch reports them, so a run with CUDA torch tensors is checked in
-    a few attribute reads and integer compares and handed to the runner as named raw
-    pointers (a :class:`DecodeArgs` of ints).
+    """A plan's layouts as torch reports them, so a run with torch tensors is checked in a
+    few attribute reads and integer compares and handed to the runner as named raw pointers
+    (a :class:`DecodeArgs` of ints, ``run_pointers``) or as the checked tensors themselves
+    (``run_tensors``: the torch backend), without building views.
 
     Any mismatch falls back to the general path, which names what is wrong. Taken only for
-    runners with ``run_pointers`` and device-side (not host) ``seqlens``.
+    runners with one of those methods, and on the GPU for device-side (not host) ``seqlens``.
     """
 
-    __slots__ = ("tensor", "empty", "checks", "present", "absent", "overlaps", "out_alloc", "lse_alloc",
-                 "launch")
+    __slots__ = ("tensor", "empty", "checks", "present", "absent", "overlaps", "out_alloc",
+                 "lse_alloc", "launch", "pointers_only", "cuda", "host_values", "kv_len")
 
     def __init__(self, torch: Any, problem: DecodeProblem, planned: DecodeArgs,
-                 launch: Callable[[DecodeArgs, int], None] | None = None) -> None:
+                 launch: Callable[[DecodeArgs, int | None], None] | None = None,
+                 pointers_only: bool = True) -> None:
         self.tensor, self.empty = torch.Tensor, torch.empty
-        self.launch = launch  # the runner's run_pointers
+        self.launch = launch  # the runner's run_pointers (or run_tensors)
+        self.pointers_only = pointers_only
+        self.cuda = problem.device.kind == "cuda"
+        # Host lengths, offsets and scale tensors are checked on every run (the general path
+        # names a bad value; this one only spots it): (index, is a scale) of each.
+        self.kv_len = problem.kv_len
+        self.host_values = tuple(
+            (DecodeArgs._fields.index(name), name.endswith("scale"))
+            for name in ("seqlens", "cache_leftpad", "k_scale", "v_scale")
+            if getattr(planned, name) is not None and getattr(planned, name)[3].kind == "cpu")
         # (index, shape, strides, dtype, device index) of each planned tensor (strides None
         # where the layout is row-major but for extent-1 axes: then torch's is_contiguous(),
         # half the cost of reading the strides, decides), the indices of the others, and the
         # (output, other) pairs of non-empty planned tensors whose byte ranges must not meet
         self.checks = tuple((i, torch.Size(layout[0]), _strides_to_check(layout),
-                             getattr(torch, layout[2].torch_name), layout[3].index)
+                             getattr(torch, layout[2].torch_name),
+                             layout[3].index if layout[3].kind == "cuda" else -1)  # get_device()
                             for i, layout in enumerate(planned) if layout is not None)
         self.present = tuple(check[0] for check in self.checks)
         self.absent = tuple(i for i, layout in enumerate(planned) if layout is None)
@@ -80,7 +92,8 @@ class TorchFastPath:
         self.overlaps = tuple((o, i, extents[o], extents[i]) for o in (_OUT, _LSE)
                               for i in range(len(planned))
                               if i != o and extents[o] and extents[i])
-        device = torch.device("cuda", problem.device.index)
+        device = (torch.device("cuda", problem.device.index) if self.cuda
+                  else torch.device(problem.device.kind))
         self.out_alloc = (problem.out_shape, getattr(torch, problem.dtype.torch_name), device)
         self.lse_alloc = ((problem.lse_shape, torch.float32, device) if problem.return_lse
                           else None)
@@ -120,10 +133,24 @@ class TorchFastPath:
                 return None
         return tuple.__new__(DecodeArgs, ptrs)
 
-    def run(self, given: DecodeArgs, stream: int | None) -> Any:
-        """Run with CUDA torch tensors and return what the call returns, or None to take the
-        general path. ``stream``: decode's cache key matched every layout and read the
-        current stream (else None: read it here)."""
+    def _host_values_ok(self, given: DecodeArgs) -> bool:
+        """Host lengths and offsets in [0, kv_len], host scales finite and > 0 (the general
+        path's check_host_values, as a yes/no)."""
+        for i, is_scale in self.host_values:
+            values = given[i].numpy()
+            if not values.size:
+                continue
+            if is_scale:
+                if not (values > 0).all() or not (values < float("inf")).all():
+                    return False
+            elif values.min() < 0 or values.max() > self.kv_len:
+                return False
+        return True
+
+    def run(self, given: DecodeArgs, stream: int | None, layouts_known: bool = False) -> Any:
+        """Run with torch tensors and return what the call returns, or None to take the
+        general path. ``layouts_known``: decode's cache key matched every layout (and read
+        ``stream``, the current one; else None: read here)."""
         out, lse = given.out, given.lse
         if out is None or (lse is None and self.lse_alloc is not None):
             if out is None:
@@ -133,10 +160,12 @@ class TorchFastPath:
                 lse = self.empty(self.lse_alloc[0], dtype=self.lse_alloc[1],
                                  device=self.lse_alloc[2])
             given = given._replace(out=out, lse=lse)
-        ptrs = self.pointers(given, layouts_known=stream is not None)
-        if ptrs is None:
+        ptrs = self.pointers(given, layouts_known=layouts_known)
+        if ptrs is None or (self.host_values and not self._host_values_ok(given)):
             return None
-        self.launch(ptrs, stream if stream is not None else torch_current_stream(self.checks[0][4]))
+        if stream is None and self.cuda:
+            stream = torch_current_stream(self.checks[0][4])
+        self.launch(ptrs if self.pointers_only else given, stream)
         return (out, lse) if self.lse_alloc is not None else out
 
 
@@ -158,10 +187,15 @@ class DecodePlan:
         self._fast: TorchFastPath | None = None
         torch = sys.modules.get("torch")
         seqlens = layouts.seqlens
-        if (torch is not None and problem.device.kind == "cuda"
-                and hasattr(runner, "run_pointers")
+        if torch is None:
+            return
+        if (problem.device.kind == "cuda" and hasattr(runner, "run_pointers")
                 and (seqlens is None or seqlens[3].kind == "cuda")):
             self._fast = TorchFastPath(torch, problem, layouts, runner.run_pointers)
+        elif hasattr(runner, "run_tensors") and (layouts.block_table is None
+                                                 or layouts.block_table[3].kind == "cuda"):
+            self._fast = TorchFastPath(torch, problem, layouts, runner.run_tensors,
+                                       pointers_only=False)
 
     @property
     def workspace_bytes(self) -> int:

@@ -24,8 +24,11 @@ from .._views import Device, TensorMut, TensorRef
 __all__ = ["TorchBackend"]
 
 
-def _as_torch(torch: Any, view: TensorRef) -> Any:
-    """The torch tensor behind ``view``, without copying."""
+def _as_torch(torch: Any, view: Any) -> Any:
+    """The torch tensor behind ``view`` (a torch tensor itself on the plan's fast path),
+    without copying."""
+    if isinstance(view, torch.Tensor):
+        return view
     owner = view.owner
     if isinstance(owner, torch.Tensor) and owner.data_ptr() == view.ptr \
             and tuple(owner.shape) == view.shape and owner.stride() == view.strides:
@@ -50,6 +53,11 @@ def _per_kv_head(torch: Any, planned: float | None, view: TensorRef | None) -> A
     return _as_torch(torch, view).reshape(1, -1, 1, 1)
 
 
+# A ragged batch on the CPU is sliced row by row up to this many rows (one SDPA call each);
+# beyond, masked in fp32.
+_SLICED_ROWS = 32
+
+
 class _Runner:
     workspace_bytes = 0
 
@@ -58,14 +66,74 @@ class _Runner:
         self.problem = problem
 
     def describe(self) -> dict[str, Any]:
-        return {"kernel": "torch reference (fp32 math)", "num_splits": 1, "merge": "none",
-                "workspace_bytes": 0}
+        return {"kernel": "torch (SDPA, or fp32 math for softcap and LSE)", "num_splits": 1,
+                "merge": "none", "workspace_bytes": 0}
 
     def __call__(self, args: DecodeArgs, stream: int | None) -> None:
         # no history even for a view built by hand over a tensor that requires grad (the
         # frontend refuses such tensors): results never carry autograd history, as on cuda
         with _on_stream(self.torch, self.problem.device, stream), self.torch.no_grad():
             self._compute(args)
+
+    # The plan's fast path hands over the torch tensors themselves, checked (no views).
+    run_tensors = __call__
+
+    def _host_ranges(self, args: DecodeArgs) -> list[tuple[int, int]] | None:
+        """Each batch entry's attended keys [lo, hi) when its lengths and offsets are in host
+        memory (reading them costs no sync), else None."""
+        torch, p = self.torch, self.problem
+        if p.device.kind != "cpu":
+            return None
+        hi = ([p.kv_len] * p.batch if not p.seqlens else
+              _as_torch(torch, args.seqlens).clamp(0, p.kv_len).tolist())
+        first = ([0] * p.batch if not p.leftpad else
+                 _as_torch(torch, args.cache_leftpad).clamp(0, p.kv_len).tolist())
+        window = p.window_left
+        return [(max(f, h - 1 - window if window is not None else 0, 0), h)
+                for f, h in zip(first, hi)]
+
+    def _sdpa(self, args: DecodeArgs, q: Any, keys: Any, values: Any, y: Any) -> bool:
+        """Y by torch's scaled_dot_product_attention over each row's attended keys, sliced (no
+        mask, so whatever the cache holds elsewhere is never read); False when this problem
+        needs the fp32 reference path instead (softcap, LSE, or masks it cannot slice)."""
+        torch, p = self.torch, self.problem
+        if p.softcap is not None or args.lse is not None:
+            return False
+        ranges = None
+        if p.seqlens or p.window_left is not None or p.leftpad:
+            ranges = self._host_ranges(args)
+            if ranges is None or (len(set(ranges)) > 1 and p.batch > _SLICED_ROWS):
+                return False
+        f32 = torch.float32
+        if keys.dtype == q.dtype and args.k_scale is None and args.v_scale is None:
+            scale, post = p.scale * p.k_scale, (None if p.v_scale == 1.0 else p.v_scale)
+        else:  # fp8 K/V or per-head scale tensors: fp32, the K scale folded into Q
+            qg = q.to(f32).view(p.batch, p.num_kv_heads, p.group_size, p.head_dim)
+            q = (qg * _per_kv_head(torch, p.k_scale, args.k_scale)).view(q.shape)
+            keys, values, scale = keys.to(f32), values.to(f32), p.scale
+            post = _per_kv_head(torch, p.v_scale, args.v_scale)
+            if isinstance(post, torch.Tensor):  # [1, H_kv, 1, 1] -> per query head
+                post = post.view(-1).repeat_interleave(p.group_size).view(1, -1, 1)
+        attention = torch.nn.functional.scaled_dot_product_attention
+
+        def attend(rows: slice, lo: int, hi: int) -> Any:
+            return attention(q[rows].unsqueeze(2), keys[rows, :, lo:hi], values[rows, :, lo:hi],
+                             scale=scale, enable_gqa=True).squeeze(2)
+
+        if ranges is None or len(set(ranges)) == 1:
+            lo, hi = (0, p.kv_len) if ranges is None else ranges[0]
+            parts = [(slice(None), lo, hi)]
+        else:
+            parts = [(slice(b, b + 1), lo, hi) for b, (lo, hi) in enumerate(ranges)]
+        for rows, lo, hi in parts:
+            if hi <= lo:
+                y[rows] = 0
+                continue
+            out = attend(rows, lo, hi)
+            if post is not None:
+                out = out.to(f32) * post
+            y[rows] = out
+        return True
 
     def _valid_keys(self, args: DecodeArgs, device: Any) -> Any:
         """Bool [B, 1, 1, K_len]: the keys each batch entry attends to; None when all are."""
@@ -86,14 +154,15 @@ class _Runner:
             valid &= j >= first.clamp(0, p.kv_len)[:, None]
         return valid[:, None, None, :]
 
-    def _cache(self, view: TensorRef, table: Any) -> Any:
-        """K or V as [B, H_kv, K_len, D] fp32: a paged pool gathered through the block table
-        (ids clamped into the pool, as in the CUDA kernel; rows past seqlens are masked)."""
+    def _cache(self, view: Any, table: Any) -> Any:
+        """K or V as [B, H_kv, K_len, D] in its own dtype: a paged pool gathered through the
+        block table (ids clamped into the pool, as in the CUDA kernel; rows past seqlens are
+        masked or sliced away)."""
         torch, p = self.torch, self.problem
         x = _as_torch(torch, view)
         if table is None:
-            return x.to(torch.float32)
-        pages = x[table].to(torch.float32)  # [B, max_pages, H_kv, page_size, D]
+            return x
+        pages = x[table]  # [B, max_pages, H_kv, page_size, D]
         return pages.permute(0, 2, 1, 3, 4).reshape(p.batch, p.num_kv_heads, p.kv_len,
                                                      p.head_dim)
 
@@ -103,12 +172,15 @@ class _Runner:
         if y.numel() == 0:
             return
         f32 = torch.float32
-        qg = _as_torch(torch, args.q).to(f32).reshape(p.batch, p.num_kv_heads, p.group_size,
-                                                       p.head_dim)
+        q = _as_torch(torch, args.q)
         table = None
         if p.paged:
             table = _as_torch(torch, args.block_table).to(torch.int64).clamp(0, p.num_pages - 1)
         keys, values = self._cache(args.k, table), self._cache(args.v, table)
+        if self._sdpa(args, q, keys, values, y):
+            return
+        qg = q.to(f32).reshape(p.batch, p.num_kv_heads, p.group_size, p.head_dim)
+        keys, values = keys.to(f32), values.to(f32)
         valid = self._valid_keys(args, keys.device)
 
         scores = torch.matmul(qg * _per_kv_head(torch, p.k_scale, args.k_scale),
