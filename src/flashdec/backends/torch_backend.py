@@ -84,10 +84,11 @@ class _Runner:
         torch, p = self.torch, self.problem
         if p.device.kind != "cpu":
             return None
-        hi = ([p.kv_len] * p.batch if not p.seqlens else
-              _as_torch(torch, args.seqlens).clamp(0, p.kv_len).tolist())
+        cap = p.kv_len
+        hi = ([cap] * p.batch if not p.seqlens else
+              [min(max(n, 0), cap) for n in _as_torch(torch, args.seqlens).tolist()])
         first = ([0] * p.batch if not p.leftpad else
-                 _as_torch(torch, args.cache_leftpad).clamp(0, p.kv_len).tolist())
+                 [min(max(n, 0), cap) for n in _as_torch(torch, args.cache_leftpad).tolist()])
         window = p.window_left
         return [(max(f, h - 1 - window if window is not None else 0, 0), h)
                 for f, h in zip(first, hi)]
@@ -113,26 +114,27 @@ class _Runner:
             keys, values, scale = keys.to(f32), values.to(f32), p.scale
             post = _per_kv_head(torch, p.v_scale, args.v_scale)
             if isinstance(post, torch.Tensor):  # [1, H_kv, 1, 1] -> per query head
-                post = post.view(-1).repeat_interleave(p.group_size).view(1, -1, 1)
+                post = post.view(-1).repeat_interleave(p.group_size).view(1, -1, 1, 1)
         attention = torch.nn.functional.scaled_dot_product_attention
-
-        def attend(rows: slice, lo: int, hi: int) -> Any:
-            return attention(q[rows].unsqueeze(2), keys[rows, :, lo:hi], values[rows, :, lo:hi],
-                             scale=scale, enable_gqa=True).squeeze(2)
-
-        if ranges is None or len(set(ranges)) == 1:
+        q4 = q.unsqueeze(2)
+        if ranges is None or len(set(ranges)) == 1:  # one call for the batch
             lo, hi = (0, p.kv_len) if ranges is None else ranges[0]
-            parts = [(slice(None), lo, hi)]
+            parts = [(None, lo, hi)]
         else:
-            parts = [(slice(b, b + 1), lo, hi) for b, (lo, hi) in enumerate(ranges)]
-        for rows, lo, hi in parts:
+            parts = [(b, lo, hi) for b, (lo, hi) in enumerate(ranges)]
+        for b, lo, hi in parts:
+            target = y if b is None else y[b:b + 1]
             if hi <= lo:
-                y[rows] = 0
+                target.zero_()
                 continue
-            out = attend(rows, lo, hi)
+            qb, kb, vb = (q4, keys, values) if b is None else (
+                q4[b:b + 1], keys[b:b + 1], values[b:b + 1])
+            if lo or hi < p.kv_len:
+                kb, vb = kb[:, :, lo:hi], vb[:, :, lo:hi]
+            out = attention(qb, kb, vb, scale=scale, enable_gqa=True)
             if post is not None:
                 out = out.to(f32) * post
-            y[rows] = out
+            target.copy_(out.view(target.shape))
         return True
 
     def _valid_keys(self, args: DecodeArgs, device: Any) -> Any:
