@@ -1,13 +1,16 @@
-"""The torch reference backend: any device torch runs on, fp32 math, Y (and LSE) written in place.
+"""The torch backend: any device torch runs on, Y (and LSE) written in place.
 
-GQA is computed by viewing Q as [B, H_kv, group, D] against K/V [B, H_kv, K_len, D], so
-repeated KV heads are never materialised. Inputs of any stride are read as they are; results
-are copied into Y and LSE through their own strides. fp8 K/V are upcast to fp32; their
-per-head scales are folded into Q (for K) and into the result (for V), which is the same math
-as dequantizing every row. Keys outside ``[L - 1 - window_left, L)`` (and before
-``cache_leftpad``) get score -inf and their V rows are zeroed, so whatever the cache holds
-there (even NaN) never reaches Y. A paged cache is gathered through its block table into the
-contiguous cache it stands for: the reference, not the fast way.
+Without softcap or LSE, Y comes from torch's scaled_dot_product_attention (GQA through its
+``enable_gqa``) over each row's attended keys: all of them, or, when the lengths, window and
+left padding are in host memory (CPU problems), the slice ``[lo_b, L_b)`` of each row, in one
+call when the rows share it. Slicing instead of masking means unattended rows are never read.
+Otherwise (softcap, LSE, or device-side lengths) the fp32 reference path: Q viewed as [B, H_kv,
+group, D] against K/V [B, H_kv, K_len, D] (repeated KV heads never materialised), keys outside
+the attended range get score -inf and their V rows are zeroed, so whatever the cache holds there
+(even NaN) never reaches Y. fp8 K/V are upcast to fp32, their per-head scales folded into Q (for
+K) and into the result (for V). A paged cache is gathered through its block table into the
+contiguous cache it stands for. Inputs of any stride are read as they are; results are copied
+into Y and LSE through their own strides.
 """
 
 from __future__ import annotations
