@@ -1,0 +1,1 @@
+"""flashdec inside other libraries' models: :mod:`flashdec.integrations.transformers`."""
