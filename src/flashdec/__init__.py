@@ -26,7 +26,10 @@ from .paging import block_table_from_page_list
 from . import backends as _backends  # registers the built-in backends
 
 if "torch" in _sys.modules:  # flashdec::decode, for torch.compile (else on first compile)
-    from . import _torch_op  # noqa: F401
+    try:
+        from . import _torch_op  # noqa: F401
+    except (ImportError, AttributeError):  # a torch without torch.library.custom_op (< 2.4)
+        pass
 
 
 def precompile(dtypes: Sequence[str | DType] = ("float16", "bfloat16", "float32"),
