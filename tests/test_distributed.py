@@ -1,0 +1,100 @@
+"""Context- and tensor-parallel decode over torch.distributed with gloo, on the CPU: 2 and 3
+processes, each holding a ragged shard of every sequence (one rank with no keys for some
+sequence), against a single-process decode of the whole sequence; every rank's result
+bitwise equal to rank 0's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import flashdec
+from flashdec import ContractError
+from flashdec.distributed import context_parallel_decode, head_shard
+from flashdec_testing import assert_close, make_qkv
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+LENGTHS = [300, 5, 0, 257]  # per sequence: full, short, empty, ragged
+WINDOW = 100
+
+
+def _shard_bounds(world: int, length: int) -> list[tuple[int, int]]:
+    """Uneven contiguous shards of [0, length): rank r gets a growing share (rank 0 may get
+    nothing of a short sequence)."""
+    weights = [r + 1 for r in range(world)]
+    cuts, acc = [0], 0
+    for w in weights:
+        acc += w
+        cuts.append(length * acc // sum(weights))
+    return [(cuts[r], cuts[r + 1]) for r in range(world)]
+
+
+def _worker(rank: int, world: int, store: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        q, k, v = make_qkv(len(LENGTHS), 8, 2, max(LENGTHS), 32, "float32", "cpu", seed=1)
+        shards = [_shard_bounds(world, n)[rank] for n in LENGTHS]
+        cap = max(hi - lo for lo, hi in shards) or 1
+        k_shard = torch.zeros(len(LENGTHS), 2, cap, 32)
+        v_shard = torch.zeros_like(k_shard)
+        for b, (lo, hi) in enumerate(shards):
+            k_shard[b, :, : hi - lo] = k[b, :, lo:hi]
+            v_shard[b, :, : hi - lo] = v[b, :, lo:hi]
+            k_shard[b, :, hi - lo:] = float("nan")  # past the shard's keys: never read
+            v_shard[b, :, hi - lo:] = float("nan")
+        seqlens = torch.tensor([hi - lo for lo, hi in shards], dtype=torch.int32)
+        # a window over the whole sequence: a per-shard left offset
+        leftpad = torch.tensor([max(0, min(hi - lo, n - 1 - WINDOW - lo)) if hi > lo else 0
+                                for (lo, hi), n in zip(shards, LENGTHS)], dtype=torch.int32)
+        y, lse = context_parallel_decode(q, k_shard, v_shard, seqlens=seqlens, softcap=20.0,
+                                         cache_leftpad=leftpad, return_lse=True)
+        torch.save({"y": y, "lse": lse}, os.path.join(results, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_context_parallel_matches_one_process(world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for other in got[1:]:  # identical on every rank
+        assert torch.equal(other["y"], got[0]["y"]) and torch.equal(other["lse"], got[0]["lse"])
+    q, k, v = make_qkv(len(LENGTHS), 8, 2, max(LENGTHS), 32, "float32", "cpu", seed=1)
+    seqlens = torch.tensor(LENGTHS, dtype=torch.int32)
+    want, want_lse = flashdec.decode(q, k, v, seqlens=seqlens, softcap=20.0,
+                                     window_left=WINDOW, return_lse=True)
+    assert_close(got[0]["y"], q, k, v, lse=got[0]["lse"], seqlens=LENGTHS, softcap=20.0,
+                 window_left=WINDOW)
+    assert torch.allclose(got[0]["y"], want, atol=1e-5)
+    assert torch.equal(torch.isinf(got[0]["lse"]), torch.isinf(want_lse))
+
+
+def test_head_shard_keeps_groups_together():
+    q, k, v = make_qkv(2, 32, 8, 64, 16, "float32", "cpu", seed=2)
+    whole = flashdec.decode(q, k, v)
+    parts = []
+    for rank in range(4):
+        q_heads, kv_heads = head_shard(32, 8, 4, rank)
+        parts.append(flashdec.decode(q[:, q_heads], k[:, kv_heads], v[:, kv_heads]))
+    assert torch.equal(torch.cat(parts, dim=1), whole)
+    assert head_shard(32, 8, 4, 1) == (slice(8, 16), slice(2, 4))
+    with pytest.raises(ContractError, match="cannot be split evenly over 3 ranks"):
+        head_shard(32, 8, 3, 0)
+    with pytest.raises(ContractError, match=r"rank must be an int in \[0, 4\)"):
+        head_shard(32, 8, 4, 4)
+
+
+def test_context_parallel_needs_an_initialised_group():
+    q, k, v = make_qkv(1, 4, 4, 10, 16, "float32", "cpu", seed=3)
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised here")
+    with pytest.raises(ContractError, match="init_process_group"):
+        context_parallel_decode(q, k, v)
