@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One GPU run: the test suite with the cuda backend, a compute-sanitizer memcheck pass, and
 # the benchmark. Logs go to $OUT when set (the lent machine), else ./out.
-#   STEPS="tests memcheck racecheck bench" (default all four)   PYTEST_K=... (pytest -k)
+#   STEPS="tests memcheck racecheck bench multigpu" (default all)   PYTEST_K=... (pytest -k)
 #   BENCH_ARGS="--quick" (default; " " for the full table)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export FLASHDEC_CACHE_DIR=${FLASHDEC_CACHE_DIR:-/tmp/flashdec-cache}
-STEPS=${STEPS:-tests memcheck racecheck bench}
+STEPS=${STEPS:-tests memcheck racecheck bench multigpu}
 status=0
 step() { echo "=== $1"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -40,5 +40,14 @@ fi
 if want bench; then
   step "bench"
   python3 -m flashdec bench ${BENCH_ARGS:---quick} --json "$OUT/bench.json" --png "$OUT/bench.png" 2>&1 | tee "$OUT/bench.txt" | tail -70 || status=1
+fi
+if want multigpu; then
+  step "multi-GPU (context-parallel decode over NCCL)"
+  gpus=$(nvidia-smi -L | wc -l)
+  if [ "$gpus" -ge 2 ]; then
+    torchrun --nproc-per-node 2 bench/context_parallel.py 2>&1 | tee "$OUT/context_parallel.txt" || status=1
+  else
+    echo "skipped: $gpus GPU on this machine (the nccl test and bench/context_parallel.py need 2)"
+  fi
 fi
 exit $status

@@ -1,7 +1,7 @@
-"""Context- and tensor-parallel decode over torch.distributed with gloo, on the CPU: 2 and 3
-processes, each holding a ragged shard of every sequence (one rank with no keys for some
-sequence), against a single-process decode of the whole sequence; every rank's result
-bitwise equal to rank 0's."""
+"""Context- and tensor-parallel decode over torch.distributed: gloo on the CPU with 2 and 3
+processes (and NCCL with the cuda backend where 2 GPUs exist), each rank holding a ragged shard
+of every sequence (one rank with no keys for some sequence), against a single-process decode of
+the whole sequence; every rank's result bitwise equal to rank 0's."""
 
 from __future__ import annotations
 
@@ -35,11 +35,14 @@ def _shard_bounds(world: int, length: int) -> list[tuple[int, int]]:
     return [(cuts[r], cuts[r + 1]) for r in range(world)]
 
 
-def _worker(rank: int, world: int, store: str, results: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+def _worker(rank: int, world: int, store: str, results: str, backend: str) -> None:
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
                             world_size=world)
     try:
-        torch.manual_seed(0)
+        device = "cpu"
+        if backend == "nccl":
+            device = f"cuda:{rank}"
+            torch.cuda.set_device(device)
         q, k, v = make_qkv(len(LENGTHS), 8, 2, max(LENGTHS), 32, "float32", "cpu", seed=1)
         shards = [_shard_bounds(world, n)[rank] for n in LENGTHS]
         cap = max(hi - lo for lo, hi in shards) or 1
@@ -54,16 +57,28 @@ def _worker(rank: int, world: int, store: str, results: str) -> None:
         # a window over the whole sequence: a per-shard left offset
         leftpad = torch.tensor([max(0, min(hi - lo, n - 1 - WINDOW - lo)) if hi > lo else 0
                                 for (lo, hi), n in zip(shards, LENGTHS)], dtype=torch.int32)
+        q, k_shard, v_shard, seqlens, leftpad = (x.to(device) for x in (q, k_shard, v_shard,
+                                                                        seqlens, leftpad))
         y, lse = context_parallel_decode(q, k_shard, v_shard, seqlens=seqlens, softcap=20.0,
                                          cache_leftpad=leftpad, return_lse=True)
-        torch.save({"y": y, "lse": lse}, os.path.join(results, f"rank{rank}.pt"))
+        torch.save({"y": y.cpu(), "lse": lse.cpu()}, os.path.join(results, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_context_parallel_matches_one_process(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world)
+def _backends():
+    """gloo on CPUs always; NCCL (the cuda backend) where this machine has the GPUs."""
+    yield pytest.param("gloo", 2, id="gloo-2")
+    yield pytest.param("gloo", 3, id="gloo-3")
+    enough = dist.is_nccl_available() and torch.cuda.device_count() >= 2
+    yield pytest.param("nccl", 2, id="nccl-2", marks=() if enough else pytest.mark.skip(
+        "needs 2 CUDA GPUs and NCCL"))
+
+
+@pytest.mark.parametrize("backend,world", list(_backends()))
+def test_context_parallel_matches_one_process(backend, world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path), backend),
+             nprocs=world)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for other in got[1:]:  # identical on every rank
         assert torch.equal(other["y"], got[0]["y"]) and torch.equal(other["lse"], got[0]["lse"])

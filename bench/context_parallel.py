@@ -1,0 +1,106 @@
+"""Context-parallel decode on the GPUs of one host against one GPU: B=1, H_q=32, H_kv=8,
+D=128, bf16, K_len 128K, 512K and 1M. Each rank holds K_len / world keys; rank 0 also runs the
+whole sequence alone (where it fits) and checks the result. Times (CUDA events, median of 50,
+after warm-up, no graph): the whole CP call, its local decode, its all-gather, its merge, and
+one GPU's decode of the whole sequence.
+
+    torchrun --nproc-per-node 2 bench/context_parallel.py [K_len ...]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+import flashdec
+from flashdec.distributed import context_parallel_decode
+
+ITERS = 50
+
+
+def time_us(fn) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(ITERS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        dist.barrier()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(samples)
+
+
+def main(lengths: list[int]) -> None:
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(device)
+    for kv_len in lengths:
+        shard = kv_len // world
+        gen = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(1, 32, 128, device=device, dtype=torch.bfloat16, generator=gen)
+        gen.manual_seed(1 + rank)
+        k = torch.randn(1, 8, shard, 128, device=device, dtype=torch.bfloat16, generator=gen)
+        v = torch.randn_like(k)
+        seqlens = torch.full((1,), shard, dtype=torch.int32, device=device)
+        y = context_parallel_decode(q, k, v, seqlens=seqlens)
+        y_local, lse_local = flashdec.decode(q, k, v, seqlens=seqlens, return_lse=True)
+        state = torch.cat([y_local.float(), lse_local.unsqueeze(-1)], -1)
+        gathered = torch.empty((world, *state.shape), device=device)
+        times = {
+            "context-parallel call": time_us(lambda: context_parallel_decode(q, k, v,
+                                                                               seqlens=seqlens)),
+            "local decode (LSE)": time_us(lambda: flashdec.decode(q, k, v, seqlens=seqlens,
+                                                                  return_lse=True)),
+            "all-gather": time_us(lambda: dist.all_gather_into_tensor(gathered, state)),
+            "merge": time_us(lambda: flashdec.merge_states(gathered[..., :-1], gathered[..., -1])),
+        }
+        ks = [torch.empty_like(k) for _ in range(world)]
+        vs = [torch.empty_like(v) for _ in range(world)]
+        dist.all_gather(ks, k)
+        dist.all_gather(vs, v)
+        if rank == 0:
+            line = f"K={kv_len} ({world} GPUs, {shard} keys each): "
+            try:
+                kk, vv = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+                del ks, vs
+                whole = flashdec.decode(q, kk, vv)
+                err = ((y.float() - whole.float()).abs().max() / whole.float().abs().max()).item()
+                one = time_us_local(lambda: flashdec.decode(q, kk, vv))
+                line += f"one GPU {one:.1f} us, speedup {one / times['context-parallel call']:.2f}x, "
+                line += f"relative difference {err:.2e}; "
+            except torch.OutOfMemoryError:
+                line += "one GPU: does not fit; "
+            print(line + ", ".join(f"{n} {t:.1f} us" for n, t in times.items()), flush=True)
+        del ks, vs
+        torch.cuda.empty_cache()
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def time_us_local(fn) -> float:
+    """time_us without the barrier (rank 0 alone)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(ITERS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(samples)
+
+
+if __name__ == "__main__":
+    main([int(x) for x in sys.argv[1:]] or [131072, 524288, 1048576])
