@@ -764,3 +764,17 @@ def test_default_peers() -> None:
     assert bench.DEFAULT_PEERS == ("sdpa-cudnn", "sdpa-flash", "triton", "flashdec-torch")
     assert "flex" in bench.PEERS and "flex" not in bench.DEFAULT_IMPLS
     assert bench.RIVALS == ("sdpa-cudnn", "sdpa-flash", "triton", "flex")
+
+
+def test_paged_section_text() -> None:
+    from flashdec.bench.paged import paged_text
+
+    assert paged_text(None) == []
+    row = {"dims": [8, 32, 8, 8192, 128], "page_size": 16, "kv_mb": 268.4, "max_abs_diff": 0.0,
+           "us": {"contiguous": 78.0, "paged": 79.7, "sdpa (gather + attention)": 573.0},
+           "na": {}, "paged_over_contiguous": 79.7 / 78.0}
+    ragged = {"dims": [16, 32, 8, 32768, 128], "page_size": 16, "mean_len": 16384,
+              "us": {"ragged": 238.8, "uniform": 180.3}, "ragged_over_uniform": 238.8 / 180.3}
+    text = "\n".join(paged_text({"rows": [row], "ragged": ragged}))
+    assert "| 8,32,8,8192,128 | 16 | 268 | 78.0 | 79.7 | 1.022 | 573.0 | 0.0e+00 |" in text
+    assert "238.8 us against 180.3 us uniform at the mean: 1.324x" in text

@@ -131,14 +131,15 @@ def paged_text(section: dict | None) -> list[str]:
              f"targets: paged / contiguous <= {PAGED_TARGET:.2f}, ragged / uniform <= "
              f"{RAGGED_TARGET:.2f})", "",
              "| B,H_q,H_kv,K,D | page | KV MB | contiguous | paged | paged / contiguous | "
-             "SDPA on the gathered cache (gather included) |", "|---|---|---|---|---|---|---|"]
+             "SDPA on the gathered cache (gather included) | max abs diff paged - contiguous |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in section["rows"]:
         us = row["us"]
         sdpa = us.get("sdpa (gather + attention)")
         lines.append(f"| {','.join(map(str, row['dims']))} | {row['page_size']} | "
                      f"{row['kv_mb']:.0f} | {us['contiguous']:.1f} | {us['paged']:.1f} | "
                      f"{row['paged_over_contiguous']:.3f} | "
-                     + (f"{sdpa:.1f}" if sdpa else "n/a") + " |")
+                     + (f"{sdpa:.1f}" if sdpa else "n/a") + f" | {row['max_abs_diff']:.1e} |")
     r = section["ragged"]
     lines += ["", f"Ragged paged batch {','.join(map(str, r['dims']))}, page {r['page_size']}, "
                   f"lengths 1..{r['dims'][3]} (mean {r['mean_len']}): {r['us']['ragged']:.1f} us "
