@@ -22,14 +22,17 @@ from flashdec.distributed import context_parallel_decode
 ITERS = 50
 
 
-def time_us(fn) -> float:
+def time_us(fn, barrier: bool = True) -> float:
+    """Median us of ``fn`` by CUDA events; ``barrier``: all ranks line up before each sample
+    (off for rank 0 timing alone)."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
     samples = []
     for _ in range(ITERS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         start.record()
         fn()
         end.record()
@@ -74,7 +77,7 @@ def main(lengths: list[int]) -> None:
                 del ks, vs
                 whole = flashdec.decode(q, kk, vv)
                 err = ((y.float() - whole.float()).abs().max() / whole.float().abs().max()).item()
-                one = time_us_local(lambda: flashdec.decode(q, kk, vv))
+                one = time_us(lambda: flashdec.decode(q, kk, vv), barrier=False)
                 line += f"one GPU {one:.1f} us, speedup {one / times['context-parallel call']:.2f}x, "
                 line += f"relative difference {err:.2e}; "
             except torch.OutOfMemoryError:
@@ -84,22 +87,6 @@ def main(lengths: list[int]) -> None:
         torch.cuda.empty_cache()
         dist.barrier()
     dist.destroy_process_group()
-
-
-def time_us_local(fn) -> float:
-    """time_us without the barrier (rank 0 alone)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(ITERS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(samples)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class TorchFastPath:
                           else None)
 
     def pointers(self, given: DecodeArgs, layouts_known: bool = False) -> DecodeArgs | None:
-        """Data pointers of ``given`` if each tensor is a CUDA torch tensor of the planned
+        """Data pointers of ``given`` if each tensor is a torch tensor of the planned
         layout (or absent where the plan has none) and the outputs overlap nothing; else None.
         ``layouts_known``: the caller has matched every layout already (decode's plan-cache
         key holds them), so only the overlap is checked. A tensor that requires grad or has
@@ -231,8 +231,8 @@ class DecodePlan:
         ``cache_leftpad`` are passed here exactly when the plan was made with them; float
         scales were fixed by the plan.
         """
-        given = tuple.__new__(DecodeArgs, (q, k, v, out, seqlens, k_scale, v_scale, lse_out,
-                                           block_table, cache_leftpad))
+        given = _args.bundle(q, k, v, out, seqlens, k_scale, v_scale, lse_out, block_table,
+                             cache_leftpad)
         fast = self._fast
         if fast is not None and stream is None:
             done = fast.run(given, None)
@@ -273,8 +273,8 @@ class DecodePlan:
         ``stream``: default torch's current stream now (for torch tensors), else the legacy
         default stream; every call runs there.
         """
-        given = tuple.__new__(DecodeArgs, (q, k, v, out, seqlens, k_scale, v_scale, lse_out,
-                                           block_table, cache_leftpad))
+        given = _args.bundle(q, k, v, out, seqlens, k_scale, v_scale, lse_out, block_table,
+                             cache_leftpad)
         args, result, handle = self._checked(given, stream, "bind")
         bind = getattr(self._runner, "bind", None)  # optional for third-party backends
         replay = (bind(args, handle) if bind is not None

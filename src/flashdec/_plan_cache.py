@@ -20,6 +20,7 @@ PLAN_CACHE_SIZE = 64
 KEY_STREAM = -2  # where key() keeps the current stream (None off the GPU)
 _plans: OrderedDict[tuple, DecodePlan] = OrderedDict()
 _lock = threading.Lock()
+_SCALES = (DecodeArgs._fields.index("k_scale"), DecodeArgs._fields.index("v_scale"))
 
 
 def key(given: DecodeArgs, stream: Any, scalars: tuple, backend: str | None,
@@ -39,7 +40,7 @@ def key(given: DecodeArgs, stream: Any, scalars: tuple, backend: str | None,
                 sigs.append(None)
             elif type(x) is tensor:
                 sigs.append((x.shape, x.stride(), x.dtype, x.get_device()))
-            elif i in (5, 6):  # k_scale, v_scale: a float is part of the key
+            elif i in _SCALES:  # a float scale is part of the key
                 sigs.append(x)
             else:
                 return None
