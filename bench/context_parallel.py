@@ -1,8 +1,12 @@
 """Context-parallel decode on the GPUs of one host against one GPU: B=1, H_q=32, H_kv=8,
 D=128, bf16, K_len 128K, 512K and 1M. Each rank holds K_len / world keys; rank 0 also runs the
-whole sequence alone (where it fits) and checks the result. Times (CUDA events, median of 50,
-after warm-up, no graph): the whole CP call, its local decode, its all-gather, its merge, and
-one GPU's decode of the whole sequence.
+whole sequence alone (where it fits) and checks the result against the CP result.
+
+Each timed piece is captured in a CUDA graph (the NCCL all-gather included: it runs on the
+capturing stream) and replayed: median of 50 by CUDA events, the ranks lined up by a barrier
+before each sample. Itemised: the whole CP call, its local decode with LSE, its all-gather of
+the fp32 (Y, LSE) states, its merge; and one GPU's decode of the whole sequence. The eager CP
+call (host launch costs included, GPU idle at the start) is printed beside it.
 
     torchrun --nproc-per-node 2 bench/context_parallel.py [K_len ...]
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -22,7 +27,21 @@ from flashdec.distributed import context_parallel_decode
 ITERS = 50
 
 
-def time_us(fn, barrier: bool = True) -> float:
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def time_us(fn: Callable[[], object], barrier: bool = True) -> float:
     """Median us of ``fn`` by CUDA events; ``barrier``: all ranks line up before each sample
     (off for rank 0 timing alone)."""
     for _ in range(5):
@@ -42,10 +61,11 @@ def time_us(fn, barrier: bool = True) -> float:
 
 
 def main(lengths: list[int]) -> None:
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = int(os.environ.get("RANK", 0))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    world = dist.get_world_size()
     for kv_len in lengths:
         shard = kv_len // world
         gen = torch.Generator(device=device).manual_seed(0)
@@ -58,13 +78,15 @@ def main(lengths: list[int]) -> None:
         y_local, lse_local = flashdec.decode(q, k, v, seqlens=seqlens, return_lse=True)
         state = torch.cat([y_local.float(), lse_local.unsqueeze(-1)], -1)
         gathered = torch.empty((world, *state.shape), device=device)
+        eager = time_us(lambda: context_parallel_decode(q, k, v, seqlens=seqlens))
         times = {
-            "context-parallel call": time_us(lambda: context_parallel_decode(q, k, v,
-                                                                               seqlens=seqlens)),
-            "local decode (LSE)": time_us(lambda: flashdec.decode(q, k, v, seqlens=seqlens,
-                                                                  return_lse=True)),
-            "all-gather": time_us(lambda: dist.all_gather_into_tensor(gathered, state)),
-            "merge": time_us(lambda: flashdec.merge_states(gathered[..., :-1], gathered[..., -1])),
+            "context-parallel call": time_us(graphed(
+                lambda: context_parallel_decode(q, k, v, seqlens=seqlens))),
+            "local decode (LSE)": time_us(graphed(
+                lambda: flashdec.decode(q, k, v, seqlens=seqlens, return_lse=True))),
+            "all-gather": time_us(graphed(lambda: dist.all_gather_into_tensor(gathered, state))),
+            "merge": time_us(graphed(
+                lambda: flashdec.merge_states(gathered[..., :-1], gathered[..., -1]))),
         }
         ks = [torch.empty_like(k) for _ in range(world)]
         vs = [torch.empty_like(v) for _ in range(world)]
@@ -74,15 +96,17 @@ def main(lengths: list[int]) -> None:
             line = f"K={kv_len} ({world} GPUs, {shard} keys each): "
             try:
                 kk, vv = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
-                del ks, vs
                 whole = flashdec.decode(q, kk, vv)
                 err = ((y.float() - whole.float()).abs().max() / whole.float().abs().max()).item()
-                one = time_us(lambda: flashdec.decode(q, kk, vv), barrier=False)
-                line += f"one GPU {one:.1f} us, speedup {one / times['context-parallel call']:.2f}x, "
-                line += f"relative difference {err:.2e}; "
+                one = time_us(graphed(lambda: flashdec.decode(q, kk, vv)), barrier=False)
+                line += (f"one GPU {one:.1f} us, CP {times['context-parallel call']:.1f} us, "
+                         f"speedup {one / times['context-parallel call']:.2f}x, "
+                         f"max |CP - one GPU| / max |one GPU| {err:.2e}; ")
+                del kk, vv
             except torch.OutOfMemoryError:
                 line += "one GPU: does not fit; "
-            print(line + ", ".join(f"{n} {t:.1f} us" for n, t in times.items()), flush=True)
+            print(line + ", ".join(f"{n} {t:.1f} us" for n, t in times.items())
+                  + f"; eager CP call {eager:.1f} us", flush=True)
         del ks, vs
         torch.cuda.empty_cache()
         dist.barrier()
