@@ -3,10 +3,12 @@ D=128, bf16, K_len 128K, 512K and 1M. Each rank holds K_len / world keys; rank 0
 whole sequence alone (where it fits) and checks the result against the CP result.
 
 Each timed piece is captured in a CUDA graph (the NCCL all-gather included: it runs on the
-capturing stream) and replayed: median of 50 by CUDA events, the ranks lined up by a barrier
-before each sample. Itemised: the whole CP call, its local decode with LSE, its all-gather of
-the fp32 (Y, LSE) states, its merge; and one GPU's decode of the whole sequence. The eager CP
-call (host launch costs included, GPU idle at the start) is printed beside it.
+capturing stream) and replayed REPS times back to back between two CUDA events (each replay
+waits for the one before, as a layer waits for its attention); a sample is their mean, the
+ranks lined up by a barrier before each; median of 50 samples. Itemised: the whole CP call,
+its local decode with LSE, the combine (the call less its decode), and alone: the all-gather
+of the packed (Y, LSE) bytes and the merge; one GPU's decode of the whole sequence. The eager
+CP call (host launch costs included, GPU idle at the start) is printed beside it.
 
     torchrun --nproc-per-node 2 bench/context_parallel.py [K_len ...]
 """
@@ -25,6 +27,7 @@ import flashdec
 from flashdec.distributed import context_parallel_decode
 
 ITERS = 50
+REPS = 10
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
@@ -41,9 +44,9 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     return graph.replay
 
 
-def time_us(fn: Callable[[], object], barrier: bool = True) -> float:
-    """Median us of ``fn`` by CUDA events; ``barrier``: all ranks line up before each sample
-    (off for rank 0 timing alone)."""
+def time_us(fn: Callable[[], object], barrier: bool = True, reps: int = REPS) -> float:
+    """Median over samples of the mean us of ``reps`` back-to-back calls of ``fn``, by CUDA
+    events; ``barrier``: all ranks line up before each sample (off for rank 0 timing alone)."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
@@ -53,10 +56,11 @@ def time_us(fn: Callable[[], object], barrier: bool = True) -> float:
         if barrier:
             dist.barrier()
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
+        samples.append(start.elapsed_time(end) * 1e3 / reps)
     return statistics.median(samples)
 
 
@@ -75,19 +79,22 @@ def main(lengths: list[int]) -> None:
         v = torch.randn_like(k)
         seqlens = torch.full((1,), shard, dtype=torch.int32, device=device)
         y = context_parallel_decode(q, k, v, seqlens=seqlens)
-        y_local, lse_local = flashdec.decode(q, k, v, seqlens=seqlens, return_lse=True)
-        state = torch.cat([y_local.float(), lse_local.unsqueeze(-1)], -1)
-        gathered = torch.empty((world, *state.shape), device=device)
-        eager = time_us(lambda: context_parallel_decode(q, k, v, seqlens=seqlens))
+        # the pieces alone, on buffers of the call's sizes: Y bf16 + LSE fp32 per rank
+        state = torch.empty(32 * (128 * 2 + 4), dtype=torch.uint8, device=device)
+        gathered = torch.empty(world * state.numel(), dtype=torch.uint8, device=device)
+        y_parts = torch.randn(world, 1, 32, 128, device=device, dtype=torch.bfloat16)
+        lse_parts = torch.randn(world, 1, 32, device=device)
+        eager = time_us(lambda: context_parallel_decode(q, k, v, seqlens=seqlens), reps=1)
         times = {
             "context-parallel call": time_us(graphed(
                 lambda: context_parallel_decode(q, k, v, seqlens=seqlens))),
             "local decode (LSE)": time_us(graphed(
                 lambda: flashdec.decode(q, k, v, seqlens=seqlens, return_lse=True))),
-            "all-gather": time_us(graphed(lambda: dist.all_gather_into_tensor(gathered, state))),
-            "merge": time_us(graphed(
-                lambda: flashdec.merge_states(gathered[..., :-1], gathered[..., -1]))),
         }
+        times["combine"] = times["context-parallel call"] - times["local decode (LSE)"]
+        times["all-gather alone"] = time_us(graphed(
+            lambda: dist.all_gather_into_tensor(gathered, state)))
+        times["merge alone"] = time_us(graphed(lambda: flashdec.merge_states(y_parts, lse_parts)))
         ks = [torch.empty_like(k) for _ in range(world)]
         vs = [torch.empty_like(v) for _ in range(world)]
         dist.all_gather(ks, k)

@@ -2,7 +2,7 @@
 lazily, no new dependency).
 
 - :func:`context_parallel_decode`: each rank holds a shard of every sequence's keys; it
-  decodes its shard with LSE, the ranks exchange their fp32 ``(Y, LSE)`` states in one
+  decodes its shard with LSE, the ranks exchange their ``(Y, LSE)`` states in one
   all-gather, and every rank merges them in rank order (:func:`flashdec.merge_states`), so
   the result is deterministic and identical on every rank.
 - :func:`head_shard`: the query and KV heads a rank holds in tensor parallelism, keeping each KV
@@ -34,8 +34,12 @@ def context_parallel_decode(q: Any, k_shard: Any, v_shard: Any, *, group: Any = 
     sequence is a per-shard ``cache_leftpad``: ``clamp(L - 1 - window_left - shard_start, 0)``
     with L the sequence's total length.
 
-    One collective per call: an all-gather of B * H_q * (D + 1) float32 per rank. Capturable
-    in a CUDA graph with NCCL (the collective runs on the current stream).
+    One collective per call: an all-gather of each rank's state, packed in one byte buffer that
+    decode writes directly (``out=``, ``lse_out=``): Y in ``q``'s dtype and LSE in float32,
+    about B * H_q * (D * itemsize + 4) bytes per rank (so a bf16 or fp16 part is rounded once
+    to its dtype before the merge, as decode's own Y is). Then one merge kernel, in fp32, writes the
+    result in ``q``'s dtype. No other kernel: the combine is the collective and the merge.
+    Capturable in a CUDA graph with NCCL (the collective runs on the current stream).
 
     Returns
     -------
@@ -47,22 +51,44 @@ def context_parallel_decode(q: Any, k_shard: Any, v_shard: Any, *, group: Any = 
     if not isinstance(q, torch.Tensor):
         raise ContractError(f"context_parallel_decode takes torch tensors, got q of "
                             f"{type(q).__name__}")
+    for name in ("out", "lse_out"):
+        if name in decode_kwargs:
+            raise ContractError(f"context_parallel_decode writes its shard's state itself; "
+                                f"{name}= is not taken")
     if not dist.is_available() or not dist.is_initialized():
         raise ContractError("context_parallel_decode needs torch.distributed initialised "
                             "(torch.distributed.init_process_group)")
+    if q.dim() != 3:
+        raise ContractError(f"q must be [batch, num_heads, head_dim], got shape "
+                            f"{tuple(q.shape)}")
     world = dist.get_world_size(group)
-    y, lse = decode(q, k_shard, v_shard, seqlens=seqlens, return_lse=True, **decode_kwargs)
-    state = torch.cat([y.to(torch.float32), lse.unsqueeze(-1)], dim=-1)  # [B, H_q, D + 1]
-    # concatenated along the batch axis (what every backend's all-gather writes), then viewed
-    # as [world, B, H_q, D + 1]; all_gather_single is the newer torch's name for the same call
-    gathered = torch.empty((world * state.shape[0], *state.shape[1:]), dtype=torch.float32,
-                           device=state.device)
+    rows = q.shape[0] * q.shape[1]
+    y_bytes = _aligned(rows * q.shape[-1] * q.element_size())
+    state = torch.empty(_aligned(y_bytes + rows * 4), dtype=torch.uint8, device=q.device)
+    gathered = torch.empty(world * state.numel(), dtype=torch.uint8, device=q.device)
+    parts = gathered.view(world, -1)
+    y_parts = _unpack(parts[:, :rows * q.shape[-1] * q.element_size()], q.dtype, q.shape)
+    lse_parts = _unpack(parts[:, y_bytes:y_bytes + rows * 4], torch.float32, q.shape[:2])
+    decode(q, k_shard, v_shard, seqlens=seqlens, return_lse=True,
+           out=_unpack(state[:y_bytes], q.dtype, q.shape),
+           lse_out=_unpack(state[y_bytes:y_bytes + rows * 4], torch.float32, q.shape[:2]),
+           **decode_kwargs)
+    # all_gather_single is the newer torch's name for all_gather_into_tensor
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    all_gather(gathered, state.contiguous(), group=group)
-    states = gathered.view(world, *state.shape)
-    merged, merged_lse = merge_states(states[..., :-1], states[..., -1])
-    out = merged.to(q.dtype)
-    return (out, merged_lse) if return_lse else out
+    all_gather(gathered, state, group=group)
+    out, lse = merge_states(y_parts, lse_parts)
+    return (out, lse) if return_lse else out
+
+
+def _aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to 16, so each packed piece starts 16-byte aligned."""
+    return -(-nbytes // 16) * 16
+
+
+def _unpack(raw: Any, dtype: Any, shape: Any) -> Any:
+    """The bytes ``raw`` ([n] or [world, n], uint8) read as ``dtype`` in ``shape`` (after the
+    leading world axis, if any)."""
+    return raw.view(dtype).view(*raw.shape[:-1], *shape)
 
 
 def head_shard(num_heads: int, num_kv_heads: int, world_size: int,
