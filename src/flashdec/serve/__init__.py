@@ -1,0 +1,2 @@
+"""flashdec's OpenAI-compatible server: model loading (models), continuous-batching engine
+(engine), HTTP app (server)."""
