@@ -160,3 +160,22 @@ def test_requests_it_cannot_take(llama):
         Engine(llama, WordTokenizer(), attn="eager")
     with pytest.raises(ValueError, match="this one is 'gemma2'"):
         Engine(_model("gemma2"), WordTokenizer())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attn", ["flashdec", "sdpa"])
+def test_cuda_graph_steps_match_eager_and_transformers(attn):
+    model = _model().to("cuda")
+    prompts = _prompts()
+    lengths = [9, 4, 12, 6, 10]
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in lengths]
+    graphed = Engine(model, WordTokenizer(), attn=attn, max_batch=3, max_seq_len=64)
+    assert graphed.cuda_graphs
+    eager = Engine(model, WordTokenizer(), attn=attn, max_batch=3, max_seq_len=64,
+                   cuda_graphs=False)
+    got = graphed.generate(prompts, params)
+    assert sorted(graphed._graphs) == [1, 2, 3]  # the batch shrank as sequences left
+    assert got == eager.generate(prompts, params)
+    for prompt, n, (text, _) in zip(prompts, lengths, got):
+        assert _ids(text) == _reference(model, prompt, n)
