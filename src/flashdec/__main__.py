@@ -1,8 +1,10 @@
-"""``flashdec`` / ``python -m flashdec``: ``info``, ``demo``, ``precompile``, ``bench``."""
+"""``flashdec`` / ``python -m flashdec``: ``info``, ``demo``, ``precompile``, ``bench``,
+``serve``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import sys
 import time
@@ -19,8 +21,8 @@ DEMO_SHAPE = dict(batch=1, num_heads=32, num_kv_heads=8, kv_len=4096, head_dim=1
 
 DESCRIPTION = ("FlashDecoding attention for one query token over a KV cache: the installed "
                "version and backends (info), a Llama-3-8B-shaped decode (demo), kernels "
-               "compiled into the disk cache ahead of time (precompile), and the GPU "
-               "benchmark (bench).")
+               "compiled into the disk cache ahead of time (precompile), the GPU "
+               "benchmark (bench), and an OpenAI-compatible server (serve).")
 
 
 def _devices() -> list[str]:
@@ -91,6 +93,24 @@ def cmd_precompile(args: argparse.Namespace) -> int:
     return 0
 
 
+# what ``serve`` imports beyond the library (the ``serve`` extra)
+SERVE_MODULES = ("fastapi", "uvicorn", "torch", "transformers")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    missing = [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: serve needs {', '.join(missing)}: pip install \"flashdec[serve]\"",
+              file=sys.stderr)
+        return 2
+    from .serve.server import serve
+    try:
+        return serve(args)
+    except OSError as exc:  # e.g. a model path that is not there
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 # precompile's list arguments, as the command line spells them (defaults: the function's own)
 _PRECOMPILE_ARGS = {"dtypes": str, "head_dims": int, "group_sizes": int, "kv_dtypes": str}
 
@@ -102,6 +122,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {value}")
     return value
 
 
@@ -127,6 +157,28 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         pre.add_argument(f"--{name.replace('_', '-')}", nargs="+", type=kind, default=None,
                          metavar=name.upper().rstrip("S"), help=f"default: {shown}")
     pre.add_argument("--arch", default=None, help="e.g. sm_90 (default: GPU 0's)")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text "
+                                       "completions) over flashdec's batching decode engine",
+                         description="Serve a model over HTTP with OpenAI's API "
+                                     "(/v1/chat/completions, /v1/completions, /v1/models, "
+                                     "/health); Ctrl-C stops it. Needs the serve extra.")
+    srv.add_argument("--model", default=None, metavar="PATH_OR_NAME",
+                     help="a model directory or name (default: SmolLM2-135M-Instruct)")
+    srv.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    srv.add_argument("--port", type=_port, default=8000, help="default: 8000 (0: any free port)")
+    srv.add_argument("--attn", default="flashdec", choices=["flashdec", "sdpa"],
+                     help="the decode attention (default: flashdec)")
+    srv.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                     help="default: cuda if there is a GPU, else cpu")
+    srv.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                     help="default: the model loader's choice for the device")
+    srv.add_argument("--max-batch", type=_positive_int, default=8,
+                     help="sequences decoded together (default: 8)")
+    srv.add_argument("--max-seq-len", type=_positive_int, default=2048,
+                     help="prompt + generated tokens per request (default: 2048)")
+    srv.add_argument("--max-queue", type=_positive_int, default=64,
+                     help="requests held at once, running and waiting; more get 503 "
+                          "(default: 64)")
     sub.add_parser("bench", add_help=False,
                    help="flashdec vs torch SDPA, FlexDecoding and the torch backend on the GPU; "
                         "--plot JSON --png PATH redraws a plot without one (see bench --help)")
@@ -147,7 +199,8 @@ def main(argv: list[str] | None = None, prog: str = "flashdec") -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     args = parser.parse_args(argv)
-    commands = {"info": cmd_info, "demo": cmd_demo, "precompile": cmd_precompile}
+    commands = {"info": cmd_info, "demo": cmd_demo, "precompile": cmd_precompile,
+                "serve": cmd_serve}
     try:
         return commands[args.command](args)
     except (FlashDecError, ValueError) as exc:

@@ -1,5 +1,6 @@
 """CUDA kernels without a GPU: every shipped specialization compiles for sm_90 (and the
-arch-specific ones for sm_80) with no spills on the fast paths, the ctypes params struct matches decode.cu, split layouts are sound."""
+arch-specific ones for sm_80) with no spills on the fast paths, the ctypes params struct
+matches decode.cu, split layouts are sound."""
 
 from __future__ import annotations
 
