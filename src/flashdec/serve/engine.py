@@ -110,6 +110,8 @@ class Request:
         self.emit = emit
         self.tokens: list[int] = []
         self.sent = 0            # characters of the decoded text already emitted
+        self.settled = ""        # the text of tokens[:settled_tokens], final
+        self.settled_tokens = 0
         self.cancelled = False
         self.finished: Finished | None = None
         self.generator = None
@@ -433,7 +435,7 @@ class Engine:
             self._release(request, "stop")
             return
         request.tokens.append(token)
-        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        text = _decoded(request, self.tokenizer)
         stops = [i for i in (text.find(s) for s in request.params.stop) if i >= 0]
         if stops:
             self._emit_text(request, text[:min(stops)])
@@ -509,6 +511,27 @@ class Engine:
         while self.step():
             pass
         return [("".join(t), d) for t, d in zip(texts, done)]
+
+
+# Tokens decoded before the unsettled ones, so that a token's text comes out as it reads
+# in context (a leading space, a character split over tokens).
+_CONTEXT_TOKENS = 4
+_SETTLE_EVERY = 8
+
+
+def _decoded(request: Request, tokenizer: Any) -> str:
+    """The text of ``request.tokens``, decoding only the tokens since the last settled point
+    (and a few before it for context): a step costs the same at token 10 and token 2000."""
+    tokens, base = request.tokens, request.settled_tokens
+    start = max(0, base - _CONTEXT_TOKENS)
+    head = tokenizer.decode(tokens[start:base], skip_special_tokens=True)
+    window = tokenizer.decode(tokens[start:], skip_special_tokens=True)
+    if not window.startswith(head):  # a tokenizer whose text is not a concatenation
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+    text = request.settled + window[len(head):]
+    if len(tokens) - base >= _SETTLE_EVERY and not text.endswith("\ufffd"):
+        request.settled, request.settled_tokens = text, len(tokens)
+    return text
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
