@@ -179,3 +179,21 @@ def test_cuda_graph_steps_match_eager_and_transformers(attn):
     assert got == eager.generate(prompts, params)
     for prompt, n, (text, _) in zip(prompts, lengths, got):
         assert _ids(text) == _reference(model, prompt, n)
+
+
+def test_incremental_text_equals_decoding_everything():
+    """The engine decodes a window of tokens per step; with a real byte-level tokenizer the
+    text must come out as decoding all tokens at once: multi-byte characters split over
+    tokens, leading spaces, a long run past several settle points."""
+    from flashdec.serve.engine import Request, _decoded
+    from flashdec.serve.models import load_model
+    tokenizer = load_model(None).tokenizer
+    text = ("Déjà vu: 東京 in 2026 costs €12,345.67 — naïve café ☕ émojis 🎉🎉 and "
+            "    indented code\n\tdef f(x):\n\t\treturn x ** 2  # ok\n") * 3
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    request = Request([1], SamplingParams(), print, torch.device("cpu"))
+    for i, token in enumerate(ids):
+        request.tokens.append(token)
+        got = _decoded(request, tokenizer)
+        assert got == tokenizer.decode(ids[:i + 1], skip_special_tokens=True)
+    assert got == text and request.settled_tokens > 0
