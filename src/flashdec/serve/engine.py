@@ -60,6 +60,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) \
+            else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) \
                 or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
