@@ -517,8 +517,11 @@ def run_server(engine: Engine, model_name: str, *, host: str = "127.0.0.1", port
                 print(f"flashdec: serving {model_name!r} at {_url(host, bound[1])}/v1"
                       f"{banner}", flush=True)
 
+    # no startup/shutdown hooks: with the lifespan protocol on, the Ctrl-C uvicorn raises again
+    # after stopping lands in its pending lifespan task and logs a traceback
     config = uvicorn.Config(create_app(engine, model_name), host=host, port=port,
-                            log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                            log_level=log_level, lifespan="off",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     engine.start()
     try:
         Server(config).run()
