@@ -46,7 +46,7 @@ def test_info(clean_env, capsys, tmp_path) -> None:
         assert "available" in row[0]
     assert re.search(r"^\s+torch\s+available\s*$", text, re.M)
     assert re.search(r"^\s+cuda\s+(available|unavailable: .+)$", text, re.M)
-    assert f"kernel cache: {tmp_path / 'fd-cache'}" in text
+    assert f"cache: {tmp_path / 'fd-cache'}" in text
     assert "backend choice: auto" in text
     assert "devices: cpu" in text
 
@@ -65,7 +65,7 @@ def test_info_as_module(tmp_path) -> None:
     assert f"flashdec {flashdec.__version__}" in proc.stdout
     assert re.search(r"^\s+torch\s+available", proc.stdout, re.M)
     assert re.search(r"^\s+cuda\s+", proc.stdout, re.M)
-    assert f"kernel cache: {cache}" in proc.stdout
+    assert f"cache: {cache}" in proc.stdout
 
 
 # -- demo -----------------------------------------------------------------------------------------

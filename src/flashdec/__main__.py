@@ -50,7 +50,7 @@ def cmd_info(_: argparse.Namespace) -> int:
     for name, (ok, why) in available_backends().items():
         print(f"  {name:6s} {'available' if ok else 'unavailable: ' + why}")
     print(f"devices: {', '.join(_devices())}")
-    print(f"kernel cache: {_env.cache_dir()}  ({_env.ENV_CACHE_DIR})")
+    print(f"cache: {_env.cache_dir()}  ({_env.ENV_CACHE_DIR})")
     return status
 
 

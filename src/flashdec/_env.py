@@ -43,7 +43,8 @@ def backend_choice() -> str:
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``FLASHDEC_CACHE_DIR``, else ``$XDG_CACHE_HOME/flashdec``."""
+    """flashdec's cache folder (compiled kernels in ``kernels/``, the server's converted models
+    in ``models/``): ``FLASHDEC_CACHE_DIR``, else ``$XDG_CACHE_HOME/flashdec``."""
     explicit = os.environ.get(ENV_CACHE_DIR)
     if explicit:
         return Path(explicit).expanduser()
