@@ -32,7 +32,7 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -250,7 +250,8 @@ class _Generation:
             yield self._take(await self.queue.get())
 
     async def result(self, request: Request) -> tuple[str, Finished]:
-        """All the text and the Finished event; cancels the request if the client goes away."""
+        """All the text and the Finished event; cancels the request if the client goes away.
+        Raises the APIError of a request that ended without "stop" or "length"."""
         watcher = asyncio.ensure_future(_disconnected(request))
         waiter = asyncio.ensure_future(self.done.wait())
         try:
@@ -264,6 +265,9 @@ class _Generation:
             raise APIError(499, "the client disconnected", type="client_closed")
         text, finished = self._take(self.queue.get_nowait())
         assert finished is not None  # the Finished event is queued after every delta
+        error = _failure(finished)
+        if error is not None:
+            raise error
         return text, finished
 
 
@@ -419,26 +423,15 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                 "model": model_name}
 
         if body.stream:
-            usage_field = {"usage": None} if body.include_usage else {}
+            def choice(text: str | None, reason: str | None) -> dict[str, Any]:
+                return {"index": 0, "delta": {} if text is None else {"content": text},
+                        "logprobs": None, "finish_reason": reason}
 
-            def chunk(delta: dict[str, Any], reason: str | None) -> str:
-                return _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                  "finish_reason": reason}], **usage_field})
-
-            async def events() -> AsyncIterator[str]:
-                yield chunk({"role": "assistant", "content": ""}, None)
-                async for text, finished in generation.chunks():
-                    if text:
-                        yield chunk({"content": text}, None)
-                    if finished is not None:
-                        yield _finale(finished, chunk({}, finished.reason), head, body)
-
-            return _EngineStream(events(), generation)
+            opening = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                       "logprobs": None, "finish_reason": None}
+            return _stream(generation, head, body, choice, opening)
 
         text, finished = await generation.result(request)
-        error = _failure(finished)
-        if error is not None:
-            raise error
         return {"id": ident, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": None, "finish_reason": finished.reason}],
@@ -458,31 +451,41 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         head = {"id": ident, "object": "text_completion", "created": now, "model": model_name}
 
         if body.stream:
-            usage_field = {"usage": None} if body.include_usage else {}
+            def choice(text: str | None, reason: str | None) -> dict[str, Any]:
+                return {"index": 0, "text": text or "", "logprobs": None,
+                        "finish_reason": reason}
 
-            def chunk(text: str, reason: str | None) -> str:
-                return _sse({**head, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                  "finish_reason": reason}], **usage_field})
-
-            async def events() -> AsyncIterator[str]:
-                async for text, finished in generation.chunks():
-                    if text:
-                        yield chunk(text, None)
-                    if finished is not None:
-                        yield _finale(finished, chunk("", finished.reason), head, body)
-
-            return _EngineStream(events(), generation)
+            return _stream(generation, head, body, choice)
 
         text, finished = await generation.result(request)
-        error = _failure(finished)
-        if error is not None:
-            raise error
         return {"id": ident, "object": "text_completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "text": text, "logprobs": None,
                              "finish_reason": finished.reason}],
                 "usage": _usage(finished)}
 
     return app
+
+
+def _stream(generation: _Generation, head: dict[str, Any], body: _SamplingBody,
+            choice: Callable[[str | None, str | None], dict[str, Any]],
+            opening: dict[str, Any] | None = None) -> _EngineStream:
+    """A streamed answer: ``opening`` (a choice) if given, a chunk per piece of text as it
+    arrives (``choice(text, None)``), then the finale (``choice(None, reason)``)."""
+    usage_field = {"usage": None} if body.include_usage else {}
+
+    def chunk(one: dict[str, Any]) -> str:
+        return _sse({**head, "choices": [one], **usage_field})
+
+    async def events() -> AsyncIterator[str]:
+        if opening is not None:
+            yield chunk(opening)
+        async for text, finished in generation.chunks():
+            if text:
+                yield chunk(choice(text, None))
+            if finished is not None:
+                yield _finale(finished, chunk(choice(None, finished.reason)), head, body)
+
+    return _EngineStream(events(), generation)
 
 
 def _finale(finished: Finished, last_chunk: str, head: dict[str, Any],
