@@ -122,3 +122,19 @@ def test_context_parallel_needs_an_initialised_group():
         context_parallel_decode(q, k, v)
     with pytest.raises(ContractError, match="out= is not taken"):
         context_parallel_decode(q, k, v, out=torch.empty_like(q))
+
+
+def test_packed_state_pads_a_row_size_off_16_bytes(tmp_path):
+    """bf16 Y of 2 x 3 x 18 elements is 216 bytes, LSE 24: the LSE starts at the next 16-byte
+    boundary past Y, and Y still reads back as [B, H_q, D] (one process: the gather copies)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised here")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        q, k, v = make_qkv(2, 3, 1, 40, 18, "bfloat16", "cpu", seed=4)
+        y, lse = context_parallel_decode(q, k, v, return_lse=True)
+        want, want_lse = flashdec.decode(q, k, v, return_lse=True)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(y, want) and torch.allclose(lse, want_lse)

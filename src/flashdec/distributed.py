@@ -62,22 +62,22 @@ def context_parallel_decode(q: Any, k_shard: Any, v_shard: Any, *, group: Any = 
         raise ContractError(f"q must be [batch, num_heads, head_dim], got shape "
                             f"{tuple(q.shape)}")
     world = dist.get_world_size(group)
+    # one rank's state: Y, then (16-byte aligned) LSE, in bytes
     rows = q.shape[0] * q.shape[1]
-    y_bytes = _aligned(rows * q.shape[-1] * q.element_size())
-    state = torch.empty(_aligned(y_bytes + rows * 4), dtype=torch.uint8, device=q.device)
+    y = slice(0, rows * q.shape[-1] * q.element_size())
+    lse = slice(_aligned(y.stop), _aligned(y.stop) + rows * 4)
+    state = torch.empty(_aligned(lse.stop), dtype=torch.uint8, device=q.device)
     gathered = torch.empty(world * state.numel(), dtype=torch.uint8, device=q.device)
     parts = gathered.view(world, -1)
-    y_parts = _unpack(parts[:, :rows * q.shape[-1] * q.element_size()], q.dtype, q.shape)
-    lse_parts = _unpack(parts[:, y_bytes:y_bytes + rows * 4], torch.float32, q.shape[:2])
     decode(q, k_shard, v_shard, seqlens=seqlens, return_lse=True,
-           out=_unpack(state[:y_bytes], q.dtype, q.shape),
-           lse_out=_unpack(state[y_bytes:y_bytes + rows * 4], torch.float32, q.shape[:2]),
-           **decode_kwargs)
+           out=_unpack(state[y], q.dtype, q.shape),
+           lse_out=_unpack(state[lse], torch.float32, q.shape[:2]), **decode_kwargs)
     # all_gather_single is the newer torch's name for all_gather_into_tensor
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     all_gather(gathered, state, group=group)
-    out, lse = merge_states(y_parts, lse_parts)
-    return (out, lse) if return_lse else out
+    out, out_lse = merge_states(_unpack(parts[:, y], q.dtype, q.shape),
+                                _unpack(parts[:, lse], torch.float32, q.shape[:2]))
+    return (out, out_lse) if return_lse else out
 
 
 def _aligned(nbytes: int) -> int:
