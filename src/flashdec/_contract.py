@@ -25,8 +25,8 @@ from ._views import Device, TensorMut, TensorRef
 
 __all__ = ["DecodeProblem", "DecodeArgs", "MergeProblem", "BackendOptions", "COMPUTE_DTYPES",
            "KV_DTYPES_FP8", "MAX_SPLITS", "FP32_RANGE", "ARG_NAMES", "validate", "validate_merge",
-           "check_aliasing", "check_distinct_elements", "check_host_seqlens", "check_host_values", "check_no_overlap",
-           "check_rank", "Layout", "layouts"]
+           "check_aliasing", "check_distinct_elements", "check_host_seqlens", "check_host_values",
+           "check_no_overlap", "check_rank", "Layout", "layouts"]
 
 COMPUTE_DTYPES = (DType.float16, DType.bfloat16, DType.float32)
 KV_DTYPES_FP8 = (DType.float8_e4m3fn, DType.float8_e5m2)
