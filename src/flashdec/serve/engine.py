@@ -226,8 +226,7 @@ class Engine:
         self.eos = _eos_ids(model, tokenizer)
         # the step's inputs live in fixed buffers, so a captured step replays with new values
         self._tokens = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self._positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self._lengths = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self._positions = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[int, tuple[Any, Any]] = {}
         self._pool = None
@@ -360,7 +359,6 @@ class Engine:
                             dtype=torch.int64)
         self._tokens[:batch].copy_(host[:, 0])
         self._positions[:batch].copy_(host[:, 1])
-        self._lengths[:batch].copy_(host[:, 1] + 1)
         if not self.cuda_graphs:
             return self._step_body(batch, max(r.position for r in self.running) + 1)
         if batch not in self._graphs:
@@ -387,8 +385,8 @@ class Engine:
         """The decode step over the fixed buffers' first ``batch`` entries; ``longest``: keys
         of the longest sequence (the SDPA baseline reads that many)."""
         m = self.m
-        positions = self._positions[:batch]
-        lengths = self._lengths[:batch]
+        positions = self._positions[:batch]  # where each new key goes
+        lengths = positions + 1              # the keys each sequence attends to
         x = m.embed(self._tokens[:batch])[:, None]
         cos, sin = m.rotary(x, positions[:, None])
         mask = None
@@ -398,8 +396,7 @@ class Engine:
         for i, layer in enumerate(m.layers):
             q, k, v = m.qkv(layer, x, cos, sin)
             k_cache, v_cache = self.k_cache[i][:batch], self.v_cache[i][:batch]
-            flashdec.append_kv(k_cache, v_cache, k[:, :, 0], v[:, :, 0],
-                               positions=lengths - 1)
+            flashdec.append_kv(k_cache, v_cache, k[:, :, 0], v[:, :, 0], positions=positions)
             if self.attn == "flashdec":
                 y = flashdec.decode(q[:, :, 0], k_cache, v_cache, seqlens=lengths, scale=m.scale)
             else:
