@@ -113,6 +113,7 @@ def main() -> int:
     cases = _combine_cases(cases)
     cases = _exact_allocation_cases(cases)
     cases = _paged_cases(cases)
+    cases = _by_length_cases(cases)
     torch.cuda.synchronize()
     print(f"{cases} sanitizer cases passed")
     return 0
@@ -194,10 +195,29 @@ def _paged_cases(cases: int) -> int:
     return cases
 
 
+def _by_length_cases(cases: int) -> int:
+    """Splits cut on the GPU from the lengths: batches whose sequences spread over several
+    threads of the schedule (300, and the largest, 512), ragged and empty lengths, merged in
+    the last CTA (GQA) and by the combine kernel (MQA); every partial and spare CTA stays
+    inside the workspace (its own allocation under memcheck)."""
+    gen = torch.Generator().manual_seed(4)
+    for batch, hq, hkv, cap in ((300, 8, 2, 600), (512, 4, 1, 300), (3, 16, 1, 9000)):
+        q, k, v = make_qkv(batch, hq, hkv, cap, 64, "bfloat16", "cuda", seed=batch)
+        lengths = torch.randint(0, cap + 1, (batch,), generator=gen)
+        lengths[::7] = 0
+        lengths[1] = cap
+        plan = flashdec.plan(q, k, v, seqlens=lengths.to("cuda", torch.int32), backend="cuda")
+        assert plan.details["splits"].startswith("by length"), plan.details
+        out = plan.run(q, k, v, poisoned_like(q), seqlens=lengths.to("cuda", torch.int32))
+        assert_close(out, q, k, v, seqlens=lengths.tolist())
+        cases += 1
+    return cases
+
+
 def racecheck() -> int:
     """A few launches of each shared-memory protocol for compute-sanitizer racecheck (slow):
     the MMA ring with the last-CTA merge and with the combine kernel, fp8 with padded tiles,
-    Q by plain loads, the SIMT kernel."""
+    Q by plain loads, the SIMT kernel, the schedule by length."""
     runs = [((2, 32, 8, 3000, 128, "bfloat16"), 8), ((1, 8, 1, 20000, 128, "bfloat16"), None),
             ((2, 16, 2, 2000, 80, "float16"), 5), ((2, 8, 2, 1000, 64, "float32"), 3)]
     for (b, hq, hkv, klen, d, dtype), splits in runs:
@@ -207,12 +227,17 @@ def racecheck() -> int:
     q, k, v = make_qkv(2, 16, 2, 2000, 80, "bfloat16", "cuda", seed=3, kv_dtype="float8_e4m3fn")
     out = flashdec.decode(q, k, v, poisoned_like(q), backend="cuda", k_scale=1.0, v_scale=1.0)
     assert_close(out, q, k, v)
+    q, k, v = make_qkv(6, 32, 8, 3000, 128, "bfloat16", "cuda", seed=7)
+    lengths = [3000, 0, 1, 1700, 2999, 64]  # splits cut on the GPU from these (schedule())
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    assert_close(flashdec.decode(q, k, v, poisoned_like(q), seqlens=seqlens, backend="cuda"),
+                 q, k, v, seqlens=lengths)
     wide = torch.empty(2, 16, 136, dtype=torch.bfloat16, device="cuda")[..., :128]
     q, k, v = make_qkv(2, 16, 4, 900, 128, "bfloat16", "cuda", seed=5)
     wide.copy_(q)
     assert_close(flashdec.decode(wide, k, v, poisoned_like(q), backend="cuda"), q, k, v)
     torch.cuda.synchronize()
-    print(f"{len(runs) + 2} racecheck cases passed")
+    print(f"{len(runs) + 3} racecheck cases passed")
     return 0
 
 

@@ -237,7 +237,7 @@ def _check(out, lse, ref):
 
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "float8_e4m3fn"])
 def test_cuda_graph_replays_with_new_seqlens(kv_dtype):
-    """The split layout depends on capacity only: a captured graph stays right when the
+    """The split layout depends on sizes only: a captured graph stays right when the
     contents of seqlens (and of the per-head scales) change between replays."""
     batch, hq, hkv, cap, d = 4, 32, 8, 6000, 128
     q, k, v = make_qkv(batch, hq, hkv, cap, d, "bfloat16", "cuda", seed=12)
@@ -267,6 +267,48 @@ def test_cuda_graph_replays_with_new_seqlens(kv_dtype):
         torch.cuda.synchronize()
         _check(out, lse, _reference(q, k, v, seqlens=seqlens, window_left=4000,
                                     **{n: s.cpu().numpy() for n, s in features.items()}))
+
+
+@pytest.mark.parametrize("hq,hkv,merge", [(32, 8, "last CTA"), (16, 1, "combine kernel")])
+def test_splits_by_length_follow_the_lengths_at_every_replay(hq, hkv, merge):
+    """With seqlens the GPU cuts the splits from the live lengths (and left padding) of each
+    run: one captured graph replayed over ragged, one-long-among-empties, full, empty and
+    left-padded batches, merged in the last CTA or by the combine kernel, each right against
+    float64 and bitwise equal when replayed again."""
+    batch, cap, d = 24, 9000, 128
+    q, k, v = make_qkv(batch, hq, hkv, cap, d, "bfloat16", "cuda", seed=hq)
+    seqlens = torch.full((batch,), cap, dtype=torch.int32, device="cuda")
+    leftpad = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    out, lse = poisoned_like(q), torch.full((batch, hq), float("nan"), device="cuda")
+    p = flashdec.plan(q, k, v, out, seqlens=seqlens, cache_leftpad=leftpad, lse_out=lse,
+                      backend="cuda")
+    assert p.details["splits"].startswith("by length") and p.details["merge"] == merge, p
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        p.run(q, k, v, out, seqlens=seqlens, cache_leftpad=leftpad, lse_out=lse)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        p.run(q, k, v, out, seqlens=seqlens, cache_leftpad=leftpad, lse_out=lse)
+    rng = np.random.default_rng(hq)
+    ragged = rng.integers(0, cap + 1, batch)
+    pads = rng.integers(0, cap // 2, batch)
+    for lengths, pad in ((ragged, 0 * ragged), ([cap] + [0] * (batch - 1), [0] * batch),
+                         ([1] * (batch - 1) + [cap], [0] * batch), ([cap] * batch, [0] * batch),
+                         ([0] * batch, [0] * batch), (np.maximum(ragged, pads), pads),
+                         ([cap] * batch, [15] * batch)):
+        seqlens.copy_(torch.tensor(np.asarray(lengths), dtype=torch.int32))
+        leftpad.copy_(torch.tensor(np.asarray(pad), dtype=torch.int32))
+        out.fill_(float("nan")), lse.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, lse, _reference(q, k, v, seqlens=seqlens, cache_leftpad=np.asarray(pad)))
+        first = out.clone()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.view(torch.int16), first.view(torch.int16))
 
 
 @pytest.mark.parametrize("page_size", [16, 24])

@@ -20,7 +20,8 @@ from flashdec.backends.cuda import DecodeParams, MergeParams, precompile  # noqa
 from flashdec._errors import CompilationError  # noqa: E402
 from flashdec.backends.cuda._compiler import clear_memory_cache, compile_cubin, nvrtc_version  # noqa: E402
 from flashdec.backends.cuda._kernels import (DEFAULT_BANDWIDTH, MAX_FUSED_SPLITS,  # noqa: E402
-                                             MAX_SPLITS, RAGGED_SPLIT_FACTOR, MmaSpec,
+                                             MAX_SPLITS, BY_LENGTH_MAX_BATCH, BLOCK_ROWS,
+                                             CHUNK_ALIGN, MmaSpec,
                                              choose_kernels, combine_kernel, merge_kernel,
                                              shipped_kernels, source, split_cost,
                                              split_layout, workspace_layout)
@@ -141,24 +142,82 @@ def test_kernel_choice(dtype, kv_dtype, head_dim, vector, expected):
     assert slow.vec == 1 and slow.kv_dtype == problem.kv_dtype
 
 
-def test_split_rule_takes_the_cheapest_layout_and_more_with_seqlens():
+def test_split_rule_takes_the_cheapest_layout():
     """The automatic count is the split_cost minimum over every distinct layout, never more
-    than one wave of resident CTAs; one split where the batch fills the GPU; seqlens cut
-    RAGGED_SPLIT_FACTOR times finer."""
+    than one wave of resident CTAs; one split where the batch fills the GPU."""
     for shape in [(1, 32, 8, 32768, 128), (8, 32, 8, 8192, 128), (1, 32, 32, 8192, 128),
                   (1, 8, 1, 262144, 128), (2, 16, 16, 5000, 96)]:
         problem = _problem(*shape)
         spec = choose_kernels(problem, vector_strides=True)[0]
         split = split_layout(problem, spec, num_sms=132)
+        assert not split.by_length
         chosen = split_cost(problem, spec, 132, DEFAULT_BANDWIDTH, split.num_splits)
         for other in range(1, min(MAX_SPLITS, problem.kv_len // 128) + 1):
             assert chosen <= split_cost(problem, spec, 132, DEFAULT_BANDWIDTH, other) + 1e-9
         ctas = shape[0] * shape[2] * split.num_group_tiles * split.num_splits
         assert split.num_splits == 1 or ctas <= 132 * spec.ctas_per_sm
-        ragged = split_layout(_problem(*shape, seqlens=True), spec, num_sms=132)
-        assert ragged.num_splits >= min(MAX_SPLITS, split.num_splits * RAGGED_SPLIT_FACTOR) // 2
     big = _problem(64, 32, 8, 2048, 128)
     assert split_layout(big, choose_kernels(big, True)[0], num_sms=132).num_splits == 1
+
+
+def _schedule(lengths, layout, leftpad=None):
+    """An independent model of decode.cu's schedule(): (splits per sequence, rows per split)
+    for live lengths (and left padding) under a by-length layout."""
+    lo = [0] * len(lengths) if leftpad is None else leftpad
+    rows = sum(max(n - a, 0) for n, a in zip(lengths, lo))
+    wide = max(layout.min_rows, -(-rows // layout.target_splits),
+               min(-(-rows // layout.few_splits), layout.split_rows))
+    chunk = -(-wide // CHUNK_ALIGN) * CHUNK_ALIGN
+    counts = [1 if n <= a else -(-(n - a // BLOCK_ROWS * BLOCK_ROWS) // chunk)
+              for n, a in zip(lengths, lo)]
+    return counts, chunk
+
+
+@pytest.mark.parametrize("shape", [(16, 32, 8, 32768, 128), (1, 8, 1, 65536, 128),
+                                   (64, 32, 8, 4096, 128), (3, 16, 16, 5000, 96),
+                                   (BY_LENGTH_MAX_BATCH, 8, 1, 2048, 64), (7, 4, 4, 300, 64)])
+def test_splits_by_length_fit_the_grid_and_workspace_for_any_lengths(shape):
+    """With seqlens the GPU cuts splits from the live lengths; for lengths uniform, ragged,
+    one long among empties, all empty, and left-padded, the splits it makes fit the grid
+    (grid_splits per kv head), the partials fit part_capacity, no sequence has more splits
+    than its merge takes, and pieces have the aimed size unless the batch is short (then about few_splits)."""
+    import random
+
+    problem = _problem(*shape, seqlens=True)
+    spec = choose_kernels(problem, vector_strides=True)[0]
+    layout = split_layout(problem, spec, num_sms=132)
+    b, cap = shape[0], shape[3]
+    if not layout.by_length:
+        assert layout.num_splits == 1 and not layout.by_length
+        return
+    assert layout.target_splits >= layout.few_splits >= b
+    assert layout.num_splits <= (MAX_SPLITS if layout.combine else MAX_FUSED_SPLITS)
+    rng = random.Random(sum(shape))
+    cases = [([cap] * b, None), ([cap // 2 + 1] * b, None), ([0] * b, None),
+             ([rng.randint(0, cap) for _ in range(b)], None), ([cap] + [0] * (b - 1), None),
+             ([cap] + [1] * (b - 1), None), ([rng.choice([1, cap]) for _ in range(b)], None)]
+    pads = [rng.randint(0, cap) for _ in range(b)]
+    cases.append(([max(a, rng.randint(0, cap)) for a in pads], pads))
+    cases.append(([cap] * b, [BLOCK_ROWS - 1] * b))
+    for lengths, leftpad in cases:
+        counts, chunk = _schedule(lengths, layout, leftpad)
+        assert sum(counts) <= layout.grid_splits
+        assert sum(n for n in counts if n > 1) <= layout.part_capacity
+        assert max(counts) <= layout.num_splits
+        assert chunk >= layout.min_rows and chunk % CHUNK_ALIGN == 0
+        live = sum(max(n - a, 0) for n, a in zip(lengths, leftpad or [0] * b))
+        if live >= layout.few_splits * layout.split_rows:  # pieces of the aimed size
+            assert chunk < max(layout.split_rows, live / layout.target_splits) + CHUNK_ALIGN
+        elif chunk > layout.min_rows:  # a short batch: about few_splits pieces
+            assert sum(counts) >= min(layout.few_splits, b) / 2
+
+
+def test_seqlens_past_by_length_batch_cut_the_capacity():
+    big = _problem(BY_LENGTH_MAX_BATCH + 1, 8, 1, 4096, 128, seqlens=True)
+    assert not split_layout(big, choose_kernels(big, True)[0], num_sms=132).by_length
+    fixed = _problem(4, 8, 1, 4096, 128, seqlens=True)
+    layout = split_layout(fixed, choose_kernels(fixed, True)[0], num_sms=132, num_splits=3)
+    assert not layout.by_length and layout.num_splits == 3
 
 
 def test_split_cost_model_follows_the_measured_shape_of_the_h200_sweep():

@@ -94,17 +94,18 @@ def _ragged_row(torch: Any, flashdec: Any, iters: int) -> dict:
     mean = int(lengths.sum()) // b
     q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     max_pages = klen // page_size
-    pool = torch.randn(b * max_pages, hkv, page_size, d, device="cuda", dtype=torch.bfloat16,
-                       generator=gen)
+    k_pool = torch.randn(b * max_pages, hkv, page_size, d, device="cuda", dtype=torch.bfloat16,
+                         generator=gen)
+    v_pool = torch.randn_like(k_pool)
     table = torch.randperm(b * max_pages, device="cuda", generator=gen).view(b, max_pages)
     table = table.to(torch.int32)
     out = torch.empty_like(q)
     calls = {}
     for name, values in (("ragged", lengths), ("uniform", torch.full((b,), mean))):
         seqlens = values.to(device="cuda", dtype=torch.int32)
-        p = flashdec.plan(q, pool, pool, out, block_table=table, seqlens=seqlens,
+        p = flashdec.plan(q, k_pool, v_pool, out, block_table=table, seqlens=seqlens,
                           backend="cuda")
-        calls[name] = (lambda p=p, s=seqlens: p.run(q, pool, pool, out, block_table=table,
+        calls[name] = (lambda p=p, s=seqlens: p.run(q, k_pool, v_pool, out, block_table=table,
                                                     seqlens=s))
     us = _time_pair(calls, iters)
     return {"dims": [b, hq, hkv, klen, d], "page_size": page_size, "mean_len": mean,

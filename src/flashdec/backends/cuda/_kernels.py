@@ -16,7 +16,8 @@ from ..._contract import DecodeProblem
 from ..._dtypes import DType
 
 __all__ = ["MmaSpec", "SimtSpec", "KernelSpec", "SplitLayout", "THREADS", "MAX_SPLITS",
-           "MAX_FUSED_SPLITS", "MAX_HEAD_DIM", "MAX_MERGE_PARTS", "VECTOR_BYTES", "source",
+           "MAX_FUSED_SPLITS", "MAX_HEAD_DIM", "BY_LENGTH_MAX_BATCH",
+           "BLOCK_ROWS", "CHUNK_ALIGN", "MAX_MERGE_PARTS", "VECTOR_BYTES", "source",
            "choose_kernels", "kernels_for", "shipped_kernels", "split_layout",
            "workspace_layout", "merge_kernel", "combine_kernel", "combine_grid", "split_cost"]
 
@@ -36,10 +37,19 @@ MAX_SIMT_GROUP_TILE = 8
 MMA_HEAD_DIMS = (64, 80, 96, 112, 128, 160, 192, 256)
 VECTOR_BYTES = 16
 MIN_SPLIT_ROWS = 128   # below this a split's fixed costs (Q load, merge) outweigh its rows
-# With seqlens: splits of half the size, so that short rows (their empty splits exit at once)
-# balance out. 4 cost uniform lengths 3-14% over no seqlens, 2 costs 0-11% and is as fast on
-# ragged batches (bench/ragged_factor.py, bench/NOTES.md): engines pass seqlens every step.
-RAGGED_SPLIT_FACTOR = 2
+# With seqlens (up to BY_LENGTH_MAX_BATCH sequences), splits are cut on the GPU from the live
+# lengths (decode.cu's schedule()): pieces of about BY_LENGTH_SPLIT_BYTES of K and V (a few
+# us of streaming, so that the CTA scheduler balances ragged lengths over several waves), at
+# least BY_LENGTH_FEW_PER_SM per SM over the batch (a short batch still fills the GPU; the
+# split cost model's choice for one length) and at most BY_LENGTH_MOST_PER_SM (the grid).
+# Every CTA reads the batch's lengths first (kSchedulePer = 4 per thread); past that a batch
+# is several waves of CTAs already, and the capacity is cut instead.
+BY_LENGTH_SPLIT_BYTES = 2 << 20
+BY_LENGTH_FEW_PER_SM = 1.0
+BY_LENGTH_MOST_PER_SM = 4.0
+BY_LENGTH_MAX_BATCH = 4 * 128
+BY_LENGTH_MAX_ROWS = 1 << 30  # schedule() counts rows in int32
+CHUNK_ALIGN = 64       # kChunkAlign: a split cut by length is a multiple of these rows
 SMEM_PER_SM = 228 * 1024   # sm_80 / sm_90 shared memory per SM (227 KB at most per CTA)
 SMEM_RESERVED = 2 * 1024   # per CTA: the 1 KB the driver reserves, and slack
 MMA_DTYPES = (DType.float16, DType.bfloat16)
@@ -250,13 +260,27 @@ COMBINE_ABOVE_BYTES = 16 * 1024  # partial bytes per slot above which the combin
 
 @dataclass(frozen=True)
 class SplitLayout:
-    """How the KV capacity is cut: ``num_splits`` chunks of ``split_rows`` (none empty), and
-    whether the combine kernel (not the split kernel's last CTA) merges them."""
+    """How the KV rows are cut. By capacity (``target_splits`` 0): ``num_splits`` chunks of
+    ``split_rows`` (none empty) per sequence. By length (``target_splits`` > 0, with
+    seqlens): the GPU cuts the live rows into pieces of about ``split_rows`` rows, at least
+    about ``few_splits`` and at most about ``target_splits`` per (kv_head, group tile), none
+    under ``min_rows`` rows, at most ``num_splits`` per sequence; ``grid_splits`` CTAs per
+    (kv_head, tile) cover any lengths (decode.cu's schedule()). ``combine``: the combine
+    kernel (not the split kernel's last CTA) merges the splits."""
 
     num_splits: int
     split_rows: int
     num_group_tiles: int
     combine: bool = False
+    target_splits: int = 0
+    few_splits: int = 0
+    min_rows: int = 0
+    grid_splits: int = 0
+    part_capacity: int = 0   # by length: partials per (kv_head, tile), see schedule()
+
+    @property
+    def by_length(self) -> bool:
+        return self.target_splits > 0
 
 
 def _merges_apart(problem: DecodeProblem, spec: KernelSpec, num_splits: int) -> bool:
@@ -322,18 +346,22 @@ def split_cost(problem: DecodeProblem, spec: KernelSpec, num_sms: int, bandwidth
 def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
                  num_splits: int | None = None,
                  bandwidth: float = DEFAULT_BANDWIDTH) -> SplitLayout:
-    """The split count with the lowest :func:`split_cost`, every split a whole number of CTA
-    tiles and at least MIN_SPLIT_ROWS rows (with ``seqlens``, then RAGGED_SPLIT_FACTOR times
-    smaller: live lengths vary, and small splits let the short rows balance out);
-    ``num_splits`` (1..MAX_SPLITS) overrides the count. ``bandwidth``: bytes/s the device
-    streams (the runner passes its DRAM peak x SUSTAINED_DRAM_FRACTION). Depends on the
-    capacity K_len only, never on live ``seqlens`` values, so a captured graph stays valid.
-    The search evaluates every distinct count (under a millisecond), once per plan."""
+    """The split layout of a problem. With ``seqlens`` (and at most BY_LENGTH_MAX_BATCH
+    sequences, no ``num_splits``): cut by length on the GPU (:func:`_by_length`). Otherwise
+    the capacity is cut into the split count with the lowest :func:`split_cost`, every split
+    a whole number of CTA tiles and at least MIN_SPLIT_ROWS rows; ``num_splits``
+    (1..MAX_SPLITS) overrides the count. ``bandwidth``: bytes/s the device streams (the
+    runner passes its DRAM peak x SUSTAINED_DRAM_FRACTION). Depends on sizes only, never on
+    live ``seqlens`` values, so a captured graph stays valid. The search evaluates every
+    distinct count (under a millisecond), once per plan."""
     tiles = math.ceil(problem.group_size / spec.group_tile)
     kv_len = problem.kv_len
     base = problem.batch * problem.num_kv_heads * tiles
     if kv_len == 0 or base == 0:
         return SplitLayout(1, max(kv_len, 1), tiles)
+    if (problem.seqlens and num_splits is None and problem.batch <= BY_LENGTH_MAX_BATCH
+            and kv_len < BY_LENGTH_MAX_ROWS):
+        return _by_length(problem, spec, num_sms, tiles)
     if num_splits is None:
         most = max(1, min(MAX_SPLITS, kv_len // MIN_SPLIT_ROWS))
         best = None
@@ -346,9 +374,6 @@ def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
             if best is None or cost < best[0]:
                 best = (cost, rows)
         rows = best[1]
-        if problem.seqlens:
-            rows = max(spec.rows_per_tile, rows // RAGGED_SPLIT_FACTOR // spec.rows_per_tile
-                       * spec.rows_per_tile)
     else:
         rows = math.ceil(kv_len / num_splits)
     count = math.ceil(kv_len / rows)
@@ -356,6 +381,34 @@ def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
         rows = math.ceil(kv_len / MAX_SPLITS)
         count = math.ceil(kv_len / rows)
     return SplitLayout(count, rows, tiles, _merges_apart(problem, spec, count))
+
+
+def _by_length(problem: DecodeProblem, spec: KernelSpec, num_sms: int, tiles: int) -> SplitLayout:
+    """The bounds schedule() in decode.cu cuts within on the GPU (see BY_LENGTH_SPLIT_BYTES),
+    at least one split per sequence, pieces of at least MIN_SPLIT_ROWS rows and few enough
+    that no sequence has more than its merge takes; the grid and the partials sized by
+    schedule()'s bounds."""
+    per_head = problem.num_kv_heads * tiles
+    few = max(problem.batch, int(BY_LENGTH_FEW_PER_SM * num_sms / per_head))
+    target = max(few, math.ceil(BY_LENGTH_MOST_PER_SM * num_sms / per_head))
+    combine = _merges_apart(problem, spec, math.ceil(few / problem.batch) + 1)
+    most = MAX_SPLITS if combine else MAX_FUSED_SPLITS
+    reach = problem.kv_len + BLOCK_ROWS - 1  # a live range and its alignment
+    min_rows = _round_up(max(MIN_SPLIT_ROWS, math.ceil(reach / most)), CHUNK_ALIGN)
+    if reach <= min_rows:  # one split per sequence whatever the lengths
+        return SplitLayout(1, problem.kv_len, tiles)
+    row_bytes = 2 * problem.head_dim * problem.kv_dtype.itemsize
+    piece = _round_up(max(1, BY_LENGTH_SPLIT_BYTES // row_bytes), CHUNK_ALIGN)
+    # schedule()'s bound on splits, W / chunk + 1.25 B, for chunk >= W / target, and for W <=
+    # B * kv_len: chunk >= W / few below few pieces of `piece` rows, else >= piece
+    pieces = min(target, max(few, math.ceil(problem.batch * problem.kv_len / piece)))
+    return SplitLayout(math.ceil(reach / min_rows), piece, tiles, combine,
+                       target_splits=target, few_splits=few, min_rows=min_rows,
+                       grid_splits=pieces + 2 * problem.batch, part_capacity=3 * target)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def combine_grid(problem: DecodeProblem, spec: KernelSpec,
@@ -366,10 +419,15 @@ def combine_grid(problem: DecodeProblem, spec: KernelSpec,
 
 
 def workspace_layout(problem: DecodeProblem, spec: KernelSpec, split: SplitLayout):
-    """Byte sizes of (partial_o, partial_ml, arrivals) as decode.cu indexes them; zeros when
-    one split writes Y directly."""
+    """Byte sizes of (partial_o, partial_ml, arrivals, slot_info) as decode.cu indexes them;
+    zeros when one split writes Y directly."""
     if split.num_splits == 1:
-        return 0, 0, 0
+        return 0, 0, 0, 0
     slots = problem.batch * problem.num_kv_heads * split.num_group_tiles
-    per_split = slots * split.num_splits * spec.group_tile
-    return per_split * problem.head_dim * 4, per_split * 2 * 4, slots * 4
+    if split.by_length:
+        parts = problem.num_kv_heads * split.num_group_tiles * split.part_capacity
+    else:
+        parts = slots * split.num_splits
+    info = slots * 2 * 4 if split.by_length and split.combine else 0
+    per_part = parts * spec.group_tile
+    return per_part * problem.head_dim * 4, per_part * 2 * 4, slots * 4, info

@@ -64,16 +64,24 @@ class Launch:
         ctypes.memmove(ctypes.addressof(p), ctypes.addressof(runner.base_params),
                        ctypes.sizeof(p))  # the fields every launch of this problem shares
         if base:
-            p.partial_o, p.partial_ml, p.arrivals = base, base + sizes[0], base + sizes[0] + sizes[1]
-        p.split_rows = self.split.split_rows
-        p.num_group_tiles = self.split.num_group_tiles
-        p.num_splits = self.split.num_splits
+            p.partial_o, p.partial_ml, p.arrivals, p.slot_info = (
+                base + sum(sizes[:i]) if sizes[i] else 0 for i in range(4))
+        split = self.split
+        p.split_rows = split.split_rows
+        p.num_group_tiles = split.num_group_tiles
+        p.num_splits = split.num_splits
         p.group_tile = spec.group_tile
-        p.combine = int(self.split.combine)
+        p.combine = int(split.combine)
+        p.batch, p.num_kv_heads = problem.batch, problem.num_kv_heads
+        if split.by_length:
+            p.target_splits, p.few_splits = split.target_splits, split.few_splits
+            p.min_chunk, p.part_capacity = split.min_rows, split.part_capacity
         self.params_array = _driver.params_pointer_array(p)
         self.params_address = ctypes.addressof(self.params_array)
-        grid = (self.split.num_splits * self.split.num_group_tiles, problem.num_kv_heads,
-                problem.batch)
+        if split.by_length:  # CTAs enumerate the whole batch's splits (decode.cu's schedule())
+            grid = (split.grid_splits * problem.num_kv_heads * split.num_group_tiles, 1, 1)
+        else:
+            grid = (split.num_splits * split.num_group_tiles, problem.num_kv_heads, problem.batch)
         fn = load_kernel(spec.name_expression, device, spec.smem_bytes)
         self.kernel = _driver.LaunchEx(device, fn, grid, THREADS)
         self.combine = None  # the split merge as a launch of its own (split.combine)
@@ -163,6 +171,11 @@ class Runner:
                  else "last CTA")
         return {"kernel": launch.spec.name_expression.removeprefix("flashdec::"),
                 "tensor_cores": isinstance(launch.spec, MmaSpec),
+                "splits": ("by length: pieces of ~{} rows, {}..{} per kv head{}, <= {} a sequence"
+                           .format(split.split_rows, split.few_splits, split.target_splits,
+                                   " and tile" if split.num_group_tiles > 1 else "",
+                                   split.num_splits)
+                           if split.by_length else "by capacity"),
                 "num_splits": split.num_splits, "split_rows": split.split_rows,
                 "merge": merge, "q_tile": "cp.async" if launch.params.q_vector else "loads",
                 "workspace_bytes": self.workspace_bytes,

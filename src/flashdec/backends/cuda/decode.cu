@@ -6,8 +6,9 @@
 // hi_b = clamp(seqlens[b], 0, kv_len) (kv_len without seqlens), lo_b = max(hi_b - 1 -
 // window_left, leftpad[b]) (0 without either). K[b, g, j] is row j of a per-sequence cache,
 // or, paged, row j % page_size of page block_table[b][j / page_size] of a pool (page_of).
-// Grid: x = split of the KV capacity * num_group_tiles + group tile,
-// y = kv_head, z = batch. A CTA serves every query head of its group tile, so each K/V row is
+// Grid (by capacity): x = split of the KV capacity * num_group_tiles + group tile,
+// y = kv_head, z = batch; (by length, with seqlens: see schedule()) x = (split * H_kv +
+// kv_head) * num_group_tiles + group tile. A CTA serves every query head of its group tile, so each K/V row is
 // read from HBM once for the whole tile; the tiles of one split are adjacent in launch order,
 // so with several tiles (MQA) they read the same rows at the same time and share them in L2.
 // Softmax runs online in base 2 (scores carry log2 e).
@@ -55,6 +56,7 @@ constexpr int kMaxSplits = 512;       // splits the combine kernel takes
 constexpr int kCombineDims = 32;      // head dimensions per combine CTA
 constexpr int kMmaHeads = 16;     // query heads per group tile of the MMA kernel (mma M)
 constexpr int kBlockRows = 16;    // KV rows per warp per ring stage (mma K of the P V product)
+constexpr int kChunkAlign = kWarps * kBlockRows;  // a split cut by length is a multiple of these rows
 constexpr int kMaxMergeParts = 32;
 #define FLASHDEC_NEG_INF (-__int_as_float(0x7f800000))
 #define FLASHDEC_LN2 0.6931471805599453f
@@ -94,6 +96,7 @@ struct DecodeParams {
     int* arrivals;         // [slots], zero between launches
     const int* block_table;  // [B, max_pages] page ids of a paged cache, or null (K/V per sequence)
     const int* leftpad;    // [B] first attended key of each sequence, or null (0)
+    int* slot_info;        // by length, with the combine kernel: [slots][2] (splits, first partial)
     long long q_stride[3];
     long long k_stride[4];
     long long v_stride[4];
@@ -105,9 +108,10 @@ struct DecodeParams {
     long long block_table_stride[2];
     long long leftpad_stride;
     long long kv_len;      // capacity: the split layout covers it (paged: max_pages * page_size)
-    long long split_rows;
+    long long split_rows;  // by capacity: rows per split; by length: rows a piece aims for
     long long window_left; // < 0: no window
     long long num_pages;   // paged: pool pages; a page id is clamped into [0, num_pages)
+    long long min_chunk;   // by length: the fewest rows of a split (a multiple of kChunkAlign)
     int head_dim;
     int group_size;
     int num_group_tiles;
@@ -117,6 +121,12 @@ struct DecodeParams {
     int q_vector;          // Q rows are whole 16-byte chunks (unit stride, 16-byte strides)
     int page_size;         // paged: K/V rows per page (the MMA kernel: a multiple of kBlockRows)
     int page_shift;        // log2(page_size) when a power of two, else -1
+    int batch;
+    int num_kv_heads;
+    int target_splits;     // > 0: splits cut by length (schedule()), at most about this many per
+                           // kv head and tile; 0: the capacity is cut into num_splits of split_rows
+    int few_splits;        // by length: at least about this many (a batch this short permitting)
+    int part_capacity;     // by length: partials per (kv_head, tile) in the workspace
     float qk_scale;        // scale * log2(e); scale / softcap with a softcap
     float softcap_log2;    // softcap * log2(e); 0: no softcap
     float k_scale_value;   // multiplies k_scale[g] (or alone when k_scale is null)
@@ -191,6 +201,152 @@ __device__ __forceinline__ void live_rows(const DecodeParams& p, int b, long lon
         const long long first = p.leftpad[b * p.leftpad_stride];
         lo = max(lo, first < 0 ? 0 : (first < p.kv_len ? first : p.kv_len));
     }
+}
+
+// What one CTA computes: split `split` of the `count` splits of batch entry b's slot (b,
+// kv_head, tile), rows [start, end) (none when start >= end); with count > 1 its partial
+// goes to the slot's partial `part + split` (units of group_tile heads).
+struct Work {
+    int b, kv_head, tile, split, count;
+    long long start, end, part;
+};
+
+// Sum over the CTA; every thread gets it (all threads call it, once per kernel).
+__device__ __forceinline__ long long block_sum(long long x) {
+    __shared__ long long warp_sums[kWarps];
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = x;
+    __syncthreads();
+    long long total = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+    return total;
+}
+
+// Sum of x over the threads before this one; `total` gets the sum over all (all threads call
+// it, once per kernel).
+__device__ __forceinline__ unsigned long long block_scan(unsigned long long x,
+                                                         unsigned long long& total) {
+    __shared__ unsigned long long warp_sums[kWarps];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    unsigned long long inclusive = x;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+        const unsigned long long y = __shfl_up_sync(0xffffffffu, inclusive, off);
+        if (lane >= off) inclusive += y;
+    }
+    if (lane == 31) warp_sums[warp] = inclusive;
+    __syncthreads();
+    unsigned long long before = inclusive - x;
+    total = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+        if (w < warp) before += warp_sums[w];
+        total += warp_sums[w];
+    }
+    return before;
+}
+
+constexpr int kSchedulePer = 4;  // sequences per thread of schedule(): batch <= 512
+
+// The length-aware schedule (p.target_splits > 0), computed by every CTA from the live ranges
+// [lo_b, hi_b) (one load of seqlens each, kept in registers), for W live rows in the batch:
+//     chunk = max(min_chunk, W / target_splits, min(W / few_splits, split_rows))
+// rounded up to kChunkAlign: pieces of about split_rows (a few us of streaming each, so that
+// the CTA scheduler balances ragged lengths over several waves), but at least few_splits
+// pieces per (kv_head, tile) over the batch (a small batch keeps every SM busy) and at most
+// about target_splits (the grid). Sequence b takes n_b = ceil(r_b / chunk) equal pieces of
+// r_b = hi_b - base_b rows from base_b = lo_b rounded down to kBlockRows (a paged block then
+// lies in one page), each rounded up to kBlockRows; an empty range takes one empty split (it
+// writes Y = 0, LSE = -inf). The CTA scheduler hands out blocks in index order, so the
+// order is longest first: grid x enumerates every piece but the last of every sequence (in
+// batch order), then the last piece of each sequence; CTAs past them return false. Only
+// sequences of several splits keep partials, packed per (kv_head, tile).
+// Bounds (the host sizes the grid and the workspace by them): r_b < live rows + kBlockRows,
+// so sum_b n_b <= W / chunk + B (1 + 15 / 64) < target_splits + 2B; sequences of several
+// splits have r_b > chunk, so they hold fewer than 2 W / chunk + 30 W / (chunk (chunk - 15))
+// < 2.62 target_splits partials; no sequence has more than (kv_len + 15) / min_chunk splits.
+// Rows are int32 (the host takes this path below 2^30 rows).
+__device__ __forceinline__ bool schedule(const DecodeParams& p, int item, Work& w) {
+    __shared__ int found[7];  // b, split, count, partials before b, lo, hi, piece rows
+    const int b0 = threadIdx.x * kSchedulePer;
+    int lo[kSchedulePer], hi[kSchedulePer];
+    long long rows = 0;
+#pragma unroll
+    for (int i = 0; i < kSchedulePer; ++i) {
+        long long l = 0, h = 0;
+        if (b0 + i < p.batch) live_rows(p, b0 + i, l, h);
+        lo[i] = (int)l;
+        hi[i] = (int)h;
+        rows += h > l ? h - l : 0;
+    }
+    rows = block_sum(rows);
+    // ceil(rows / n) in double (exact below 2^52 rows; 64-bit integer division is a slow
+    // subroutine, on every CTA's critical path here)
+    const long long fewest = (long long)ceil((double)rows / p.target_splits);
+    const long long most = (long long)ceil((double)rows / p.few_splits);
+    const long long wide = max(p.min_chunk, max(fewest, min(most, p.split_rows)));
+    const int chunk = (int)((wide + kChunkAlign - 1) / kChunkAlign * kChunkAlign);
+    // Spare CTAs leave before the scan: sum_b n_b <= (W + 15 B) / chunk + B.
+    if ((long long)(item - p.batch) * chunk > rows + (kBlockRows - 1) * (long long)p.batch)
+        return false;
+    int n[kSchedulePer];
+    unsigned long long mine = 0;  // low 32 bits: full pieces; high: partials
+#pragma unroll
+    for (int i = 0; i < kSchedulePer; ++i) {
+        const int base = lo[i] / kBlockRows * kBlockRows;
+        n[i] = b0 + i >= p.batch ? 0 : hi[i] <= lo[i] ? 1 : (hi[i] - base + chunk - 1) / chunk;
+        if (n[i] > 0) mine += (unsigned long long)(n[i] - 1) | (n[i] > 1 ? (unsigned long long)n[i] << 32 : 0ull);
+    }
+    unsigned long long total;
+    unsigned long long before = block_scan(mine, total);
+    const int full = (int)(total & 0xffffffffu);
+#pragma unroll
+    for (int i = 0; i < kSchedulePer; ++i) {
+        const int first = (int)(before & 0xffffffffu);
+        const bool piece = item >= first && item < first + n[i] - 1;
+        if (piece || (n[i] > 0 && item == full + b0 + i)) {
+            found[0] = b0 + i; found[1] = piece ? item - first : n[i] - 1; found[2] = n[i];
+            found[3] = (int)(before >> 32); found[4] = lo[i]; found[5] = hi[i];
+            const int r = hi[i] - lo[i] / kBlockRows * kBlockRows;
+            found[6] = ((r + n[i] - 1) / n[i] + kBlockRows - 1) / kBlockRows * kBlockRows;
+        }
+        if (n[i] > 0) before += (unsigned long long)(n[i] - 1) | (n[i] > 1 ? (unsigned long long)n[i] << 32 : 0ull);
+    }
+    __syncthreads();
+    if (item >= full + p.batch) return false;
+    w.b = found[0];
+    w.split = found[1];
+    w.count = found[2];
+    w.part = ((long long)w.kv_head * p.num_group_tiles + w.tile) * p.part_capacity + found[3];
+    const int base = found[4] / kBlockRows * kBlockRows + w.split * found[6];
+    w.start = max(found[4], base);
+    w.end = min(found[5], base + found[6]);
+    return true;
+}
+
+// This CTA's work. By length (schedule()): grid x = (item * num_kv_heads + kv_head) * tiles
+// + tile, so every head's splits come before the grid's spare CTAs. By capacity: split
+// blockIdx.x / tiles of batch entry blockIdx.z for kv_head blockIdx.y. False: nothing to do
+// (past the schedule), uniform in the CTA.
+__device__ __forceinline__ bool locate(const DecodeParams& p, Work& w) {
+    w.tile = blockIdx.x % p.num_group_tiles;
+    const int x = blockIdx.x / p.num_group_tiles;
+    if (p.target_splits > 0) {
+        w.kv_head = x % p.num_kv_heads;
+        return schedule(p, x / p.num_kv_heads, w);
+    }
+    w.b = blockIdx.z;
+    w.kv_head = blockIdx.y;
+    w.split = x;
+    w.count = p.num_splits;
+    w.part = (((long long)w.b * p.num_kv_heads + w.kv_head) * p.num_group_tiles + w.tile) * p.num_splits;
+    long long lo, hi;
+    live_rows(p, w.b, lo, hi);
+    w.start = max(lo, (long long)x * p.split_rows);
+    w.end = min(hi, (long long)(x + 1) * p.split_rows);
+    return true;
 }
 
 // Where key row j of batch entry b lives: returns the page and sets `row`, its row in the
@@ -268,14 +424,18 @@ struct MergeSmem {
 // kernel's register budget.
 template <typename T, int NG, int GT, int DC, int PREFETCH = 16>
 __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
-                       const float* sm_l, MergeSmem<GT>& ms, int b, int kv_head, int tile,
-                       int split, float vs) {
+                       const float* sm_l, MergeSmem<GT>& ms, const Work& w, float vs) {
     const int D = DC > 0 ? DC : p.head_dim;  // compile-time where the kernel knows it
-    const int heads = min(GT, p.group_size - tile * GT);
-    const long long head0 = (long long)kv_head * p.group_size + tile * GT;
-    const long long slot = ((long long)b * gridDim.y + kv_head) * p.num_group_tiles + tile;
-    float* part_o = p.partial_o + (slot * p.num_splits + split) * GT * D;
-    float* part_ml = p.partial_ml + (slot * p.num_splits + split) * GT * 2;
+    const int b = w.b, splits = w.count;
+    const int heads = min(GT, p.group_size - w.tile * GT);
+    const long long head0 = (long long)w.kv_head * p.group_size + w.tile * GT;
+    const long long slot = ((long long)b * p.num_kv_heads + w.kv_head) * p.num_group_tiles + w.tile;
+    float* part_o = p.partial_o + (w.part + w.split) * GT * D;
+    float* part_ml = p.partial_ml + (w.part + w.split) * GT * 2;
+    if (p.combine && p.target_splits > 0 && w.split == 0 && threadIdx.x == 0) {
+        p.slot_info[2 * slot] = splits;  // the combine kernel's view of a schedule by length
+        p.slot_info[2 * slot + 1] = (int)w.part;
+    }
 
     // Per head, once: the max over the NG states, their weights (in place of their maxima),
     // the sum, and (one split) LSE and v_scale / sum.
@@ -288,7 +448,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
             sum = fmaf(w, sm_l[g * GT + j], sum);
             sm_m[g * GT + j] = w;
         }
-        if (p.num_splits == 1) {
+        if (splits == 1) {
             ms.inv[j] = finish_head(p, b, head0 + j, mx, sum, vs);
         } else {
             part_ml[2 * j] = mx;
@@ -301,10 +461,10 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
         float acc = 0.f;
 #pragma unroll 4
         for (int g = 0; g < NG; ++g) acc = fmaf(sm_m[g * GT + j], sm_o[(g * GT + j) * ldo + e], acc);
-        if (p.num_splits == 1) store_y<T>(p, b, head0 + j, e, acc * ms.inv[j]);
+        if (splits == 1) store_y<T>(p, b, head0 + j, e, acc * ms.inv[j]);
         else part_o[j * D + e] = acc;
     }
-    if (p.num_splits == 1 || p.combine) { FLASHDEC_TRACE_POINT(3); return; }
+    if (splits == 1 || p.combine) { FLASHDEC_TRACE_POINT(3); return; }
 
     // Publish this split's partial; the last CTA to arrive merges all of them.
     FLASHDEC_TRACE_POINT(10);
@@ -319,7 +479,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
         int before;
         asm volatile("atom.add.release.gpu.global.s32 %0, [%1], 1;"
                      : "=r"(before) : "l"(p.arrivals + slot) : "memory");
-        ms.last = before == p.num_splits - 1;
+        ms.last = before == splits - 1;
         if (ms.last) {
             asm volatile("fence.acq_rel.gpu;" ::: "memory");
             p.arrivals[slot] = 0;  // ready for the next launch or graph replay
@@ -333,15 +493,15 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
     // The merge runs after every other CTA of the slot, so its latency is the kernel's tail:
     // no load waits on another. This thread's first kPrefetch partial columns (o does not
     // depend on the weights) are issued together with the split maxima and sums.
-    const float* all_o = p.partial_o + slot * p.num_splits * GT * D;
-    const float* all_ml = p.partial_ml + slot * p.num_splits * GT * 2;
+    const float* all_o = p.partial_o + w.part * GT * D;
+    const float* all_ml = p.partial_ml + w.part * GT * 2;
     // sum_s w_s o_s runs over float4 columns (idx: head idx * 4 / D, element idx * 4 % D);
     // when there are fewer columns than threads, PARTS threads share one, each taking every
     // PARTS-th split, and add up in part order.
     constexpr int kPrefetch = PREFETCH;
     const bool vec4 = (D & 3) == 0;
     const int groups = vec4 ? heads * D / 4 : 1;
-    const int parts = vec4 ? max(1, min(kThreads / groups, p.num_splits)) : 1;
+    const int parts = vec4 ? max(1, min(kThreads / groups, splits)) : 1;
     const int part = threadIdx.x / groups;
     const int col0 = threadIdx.x % groups;
     const bool has_col = vec4 && part < parts;
@@ -349,11 +509,11 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
 #pragma unroll
     for (int k = 0; k < kPrefetch; ++k) {
         const int s = part + k * parts;
-        if (has_col && s < p.num_splits)
+        if (has_col && s < splits)
             pre[k] = __ldcg(reinterpret_cast<const float4*>(all_o + s * GT * D + col0 * 4));
     }
     float (*split_m)[GT] = reinterpret_cast<float (*)[GT]>(sm_o);  // NG * ldo >= kMaxFusedSplits
-    for (int idx = threadIdx.x; idx < p.num_splits * heads; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < splits * heads; idx += kThreads) {
         const int s = idx / heads, j = idx % heads;
         split_m[s][j] = __ldcg(all_ml + (s * GT + j) * 2);
         ms.w[s][j] = __ldcg(all_ml + (s * GT + j) * 2 + 1);  // the split's sum, until weighted below
@@ -364,7 +524,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int j = warp; j < heads; j += kThreads / 32) {
         float mx, sum;
-        split_weights(&split_m[0][j], &ms.w[0][j], &ms.w[0][j], GT, p.num_splits, lane, mx, sum);
+        split_weights(&split_m[0][j], &ms.w[0][j], &ms.w[0][j], GT, splits, lane, mx, sum);
         __syncwarp();
         if (lane == 0) ms.inv[j] = finish_head(p, b, head0 + j, mx, sum, vs);
     }
@@ -384,10 +544,10 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
             if (idx == col0) {
 #pragma unroll
                 for (int k = 0; k < kPrefetch; ++k, s += parts)
-                    if (s < p.num_splits) add(acc, ms.w[s][j], pre[k]);
+                    if (s < splits) add(acc, ms.w[s][j], pre[k]);
             }
 #pragma unroll 16
-            for (; s < p.num_splits; s += parts)
+            for (; s < splits; s += parts)
                 add(acc, ms.w[s][j], __ldcg(reinterpret_cast<const float4*>(src + s * GT * D)));
             if (parts == 1) {
                 const float r[4] = {acc.x, acc.y, acc.z, acc.w};
@@ -415,7 +575,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
             const int j = idx / D, e = idx % D;
             float acc = 0.f;
 #pragma unroll 16
-            for (int s = 0; s < p.num_splits; ++s) acc = fmaf(ms.w[s][j], __ldcg(all_o + (s * GT + j) * D + e), acc);
+            for (int s = 0; s < splits; ++s) acc = fmaf(ms.w[s][j], __ldcg(all_o + (s * GT + j) * D + e), acc);
             store_y<T>(p, b, head0 + j, e, acc * ms.inv[j]);
         }
     }
@@ -578,10 +738,9 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     T* q_s = reinterpret_cast<T*>(smem);
     unsigned char* main_s = smem + L::kQBytes;
 
-    const int split = blockIdx.x / p.num_group_tiles;
-    const int tile = blockIdx.x % p.num_group_tiles;
-    const int kv_head = blockIdx.y;
-    const int b = blockIdx.z;
+    Work work;
+    if (!locate(p, work)) return;
+    const int tile = work.tile, kv_head = work.kv_head, b = work.b;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
 
@@ -606,10 +765,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     }
     cp_async_commit();
 
-    long long lo, hi;
-    live_rows(p, b, lo, hi);
-    const long long start = max(lo, (long long)split * p.split_rows);
-    const long long end = min(hi, (long long)(split + 1) * p.split_rows);
+    const long long start = work.start, end = work.end;
     // A paged cache's blocks start on the grid of kBlockRows rows, so that each lies in one
     // page (the host takes this kernel for page sizes that are multiples of kBlockRows); rows
     // of the first block below `start` are neither read nor attended.
@@ -1006,8 +1162,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     }
     __syncthreads();
     const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
-    finish<T, kWarps, kMmaHeads, D, CTAS >= 4 ? 8 : 16>(p, sm_o, L::kDim, sm_m, sm_l, ms, b,
-                                                       kv_head, tile, split, vs);
+    finish<T, kWarps, kMmaHeads, D, CTAS >= 4 ? 8 : 16>(p, sm_o, L::kDim, sm_m, sm_l, ms, work, vs);
     FLASHDEC_TRACE_POINT(4);
 }
 
@@ -1057,10 +1212,9 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
     static_assert(kThreads % TPR == 0 && TPR <= 32, "a thread group lives inside one warp");
     static_assert(NG * DP >= kMaxFusedSplits, "the group states hold the split maxima");
 
-    const int split = blockIdx.x / p.num_group_tiles;
-    const int tile = blockIdx.x % p.num_group_tiles;
-    const int kv_head = blockIdx.y;
-    const int b = blockIdx.z;
+    Work work;
+    if (!locate(p, work)) return;
+    const int tile = work.tile, kv_head = work.kv_head, b = work.b;
     const int group = threadIdx.x / TPR;
     const int lane = threadIdx.x % TPR;
     const int D = p.head_dim;
@@ -1097,10 +1251,7 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
             for (int i = 0; i < VEC; ++i) o[j][c][i] = 0.f;
     }
 
-    long long lo, hi;
-    live_rows(p, b, lo, hi);
-    const long long start = max(lo, (long long)split * p.split_rows);
-    const long long end = min(hi, (long long)(split + 1) * p.split_rows);
+    const long long start = work.start, end = work.end;
     const long long rows = end > start ? end - start : 0;
     const int num_tiles = (int)((rows + NG * ROWS - 1) / (NG * ROWS));  // uniform in the CTA
 
@@ -1177,8 +1328,7 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
     }
     __syncthreads();
     const float vs = kv_scale(p.v_scale, p.v_scale_stride, p.v_scale_value, kv_head);
-    finish<T, NG, GT, 0>(p, &sm_o[0][0][0], DP, &sm_m[0][0], &sm_l[0][0], ms, b, kv_head, tile,
-                      split, vs);
+    finish<T, NG, GT, 0>(p, &sm_o[0][0][0], DP, &sm_m[0][0], &sm_l[0][0], ms, work, vs);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1211,11 +1361,9 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
     const int b = blockIdx.z / chunks, chunk = blockIdx.z % chunks;
     if (tile * group_tile + j >= p.group_size) return;  // past the group (uniform in the CTA)
     const long long head = (long long)kv_head * p.group_size + tile * group_tile + j;
-    const long long slot = ((long long)b * gridDim.y + kv_head) * p.num_group_tiles + tile;
-    const int D = p.head_dim, S = p.num_splits;
+    const long long slot = ((long long)b * p.num_kv_heads + kv_head) * p.num_group_tiles + tile;
+    const int D = p.head_dim;
     const long long split_stride = (long long)group_tile * D;
-    const float* all_o = p.partial_o + slot * S * split_stride + (long long)j * D;
-    const float* all_ml = p.partial_ml + (slot * S * group_tile + j) * 2;
     const int col = threadIdx.x % COLS, part = threadIdx.x / COLS;
     const int e = chunk * kCombineDims + col * VEC;
     const bool active = e < D;
@@ -1223,6 +1371,17 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");  // the split grid's partials
 #endif
+    // The slot's splits and first partial: by length, as its split 0 recorded them (one
+    // split wrote Y itself); else the capacity's layout.
+    int S = p.num_splits;
+    long long first = slot * S;
+    if (p.target_splits > 0) {
+        S = __ldcg(p.slot_info + 2 * slot);
+        first = __ldcg(p.slot_info + 2 * slot + 1);
+        if (S == 1) return;
+    }
+    const float* all_o = p.partial_o + first * split_stride + (long long)j * D;
+    const float* all_ml = p.partial_ml + (first * group_tile + j) * 2;
     auto load = [&](int s, float (&x)[VEC]) {
         if constexpr (VEC == 4) {
             const float4 f = __ldcg(reinterpret_cast<const float4*>(all_o + s * split_stride + e));
