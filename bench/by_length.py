@@ -3,7 +3,8 @@ of plans over uniform lengths (every sequence full) and ragged ones (0..K shuffl
 the paged ragged row (lengths 1..K against every sequence at their mean, separate K and V
 pools); interleaved, twice, the mean of the two. Variants: "capacity" = the layout seqlens
 got before the schedule by length (the capacity split count without seqlens, cut twice as
-fine), "none" = no seqlens at all (uniform rows only), "len M" = by length with pieces of M MB (BY_LENGTH_SPLIT_BYTES).
+fine), "none" = no seqlens at all (uniform rows only), "len M" = by length with pieces of M MB
+(BY_LENGTH_SPLIT_BYTES).
 PYTHONPATH=src python3 bench/by_length.py [MB,...]"""
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _plans(q, k, v, out, seqlens, waves, extra, with_none):
         calls["none"] = lambda: p0.run(q, k, v, out, **extra)
     most = _kernels.BY_LENGTH_MAX_BATCH
     _kernels.BY_LENGTH_MAX_BATCH = 0  # the capacity rule's count for this problem
-    base = flashdec.plan(q, k, v, out, seqlens=seqlens, backend="cuda", **extra).details["num_splits"]
+    base = flashdec.plan(q, k, v, out, seqlens=seqlens, backend="cuda", **extra)
+    base = base.details["num_splits"]
     _kernels.BY_LENGTH_MAX_BATCH = most
     pc = flashdec.plan(q, k, v, out, seqlens=seqlens, num_splits=min(512, 2 * base),
                        backend="cuda", **extra)
@@ -91,7 +93,8 @@ def main() -> None:
             else:
                 values = torch.linspace(0, live, b).round().to(torch.int32)
                 values = values[torch.randperm(b, generator=torch.Generator().manual_seed(1))]
-            us = _time(_plans(q, k, v, out, values.cuda(), waves, {}, kind == "uniform" and live == n))
+            full = kind == "uniform" and live == n
+            us = _time(_plans(q, k, v, out, values.cuda(), waves, {}, full))
             print(_line(f"{b},{hq},{hkv},{n},{d} live {live} {kind:8s}", us), flush=True)
     _kernels.BY_LENGTH_SPLIT_BYTES = shipped
 

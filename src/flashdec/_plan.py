@@ -206,8 +206,9 @@ class DecodePlan:
     def details(self) -> dict[str, Any]:
         """How the backend runs this plan, in plain values: ``kernel``, ``num_splits``,
         ``merge`` (``"none"``, ``"last CTA"``, ``"combine kernel"``), ``workspace_bytes``, and
-        what else the backend says (the cuda backend: ``tensor_cores``, ``split_rows``,
-        ``q_tile``, ``fallback_kernel``). A new dict each time."""
+        what else the backend says (the cuda backend: ``splits``, by capacity or by length,
+        ``tensor_cores``, ``split_rows``, ``q_tile``, ``fallback_kernel``). A new dict each
+        time."""
         describe = getattr(self._runner, "describe", None)  # optional for third-party backends
         if describe is None:
             return {"kernel": type(self._runner).__name__, "num_splits": None,

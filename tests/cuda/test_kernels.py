@@ -180,7 +180,8 @@ def test_splits_by_length_fit_the_grid_and_workspace_for_any_lengths(shape):
     """With seqlens the GPU cuts splits from the live lengths; for lengths uniform, ragged,
     one long among empties, all empty, and left-padded, the splits it makes fit the grid
     (grid_splits per kv head), the partials fit part_capacity, no sequence has more splits
-    than its merge takes, and pieces have the aimed size unless the batch is short (then about few_splits)."""
+    than its merge takes, and pieces have the aimed size unless the batch is short (then about
+    few_splits)."""
     import random
 
     problem = _problem(*shape, seqlens=True)

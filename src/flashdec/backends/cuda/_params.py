@@ -36,7 +36,8 @@ class DecodeParams(ctypes.Structure):
         ("q_vector", ctypes.c_int32), ("page_size", ctypes.c_int32),
         ("page_shift", ctypes.c_int32), ("batch", ctypes.c_int32),
         ("num_kv_heads", ctypes.c_int32),
-        ("target_splits", ctypes.c_int32), ("few_splits", ctypes.c_int32), ("part_capacity", ctypes.c_int32),
+        ("target_splits", ctypes.c_int32), ("few_splits", ctypes.c_int32),
+        ("part_capacity", ctypes.c_int32),
         ("qk_scale", ctypes.c_float), ("softcap_log2", ctypes.c_float),
         ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
     ]

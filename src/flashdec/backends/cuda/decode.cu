@@ -6,11 +6,12 @@
 // hi_b = clamp(seqlens[b], 0, kv_len) (kv_len without seqlens), lo_b = max(hi_b - 1 -
 // window_left, leftpad[b]) (0 without either). K[b, g, j] is row j of a per-sequence cache,
 // or, paged, row j % page_size of page block_table[b][j / page_size] of a pool (page_of).
-// Grid (by capacity): x = split of the KV capacity * num_group_tiles + group tile,
-// y = kv_head, z = batch; (by length, with seqlens: see schedule()) x = (split * H_kv +
-// kv_head) * num_group_tiles + group tile. A CTA serves every query head of its group tile, so each K/V row is
-// read from HBM once for the whole tile; the tiles of one split are adjacent in launch order,
-// so with several tiles (MQA) they read the same rows at the same time and share them in L2.
+// Splits: by capacity, fixed at plan time (grid x = split * num_group_tiles + group tile,
+// y = kv_head, z = batch), or, with seqlens, by length: every CTA cuts the batch's live rows
+// into pieces itself (schedule()), grid x = (piece * H_kv + kv_head) * num_group_tiles +
+// group tile. A CTA serves every query head of its group tile, so each K/V row is read from
+// HBM once for the whole tile; the tiles of one split are adjacent in launch order, so with
+// several tiles (MQA) they read the same rows at the same time and share them in L2.
 // Softmax runs online in base 2 (scores carry log2 e).
 //
 // Two kernels share the parameters and the epilogue:
@@ -56,7 +57,7 @@ constexpr int kMaxSplits = 512;       // splits the combine kernel takes
 constexpr int kCombineDims = 32;      // head dimensions per combine CTA
 constexpr int kMmaHeads = 16;     // query heads per group tile of the MMA kernel (mma M)
 constexpr int kBlockRows = 16;    // KV rows per warp per ring stage (mma K of the P V product)
-constexpr int kChunkAlign = kWarps * kBlockRows;  // a split cut by length is a multiple of these rows
+constexpr int kChunkAlign = kWarps * kBlockRows;  // pieces cut by length: multiples of these rows
 constexpr int kMaxMergeParts = 32;
 #define FLASHDEC_NEG_INF (-__int_as_float(0x7f800000))
 #define FLASHDEC_LN2 0.6931471805599453f
@@ -291,13 +292,18 @@ __device__ __forceinline__ bool schedule(const DecodeParams& p, int item, Work& 
     // Spare CTAs leave before the scan: sum_b n_b <= (W + 15 B) / chunk + B.
     if ((long long)(item - p.batch) * chunk > rows + (kBlockRows - 1) * (long long)p.batch)
         return false;
+    // A sequence of n pieces: n - 1 before the last pieces (low 32 bits), n partials if n > 1.
+    auto counts = [](int n) -> unsigned long long {
+        const unsigned long long parts = n > 1 ? (unsigned long long)n << 32 : 0ull;
+        return n == 0 ? 0ull : (unsigned long long)(n - 1) | parts;
+    };
     int n[kSchedulePer];
-    unsigned long long mine = 0;  // low 32 bits: full pieces; high: partials
+    unsigned long long mine = 0;
 #pragma unroll
     for (int i = 0; i < kSchedulePer; ++i) {
         const int base = lo[i] / kBlockRows * kBlockRows;
         n[i] = b0 + i >= p.batch ? 0 : hi[i] <= lo[i] ? 1 : (hi[i] - base + chunk - 1) / chunk;
-        if (n[i] > 0) mine += (unsigned long long)(n[i] - 1) | (n[i] > 1 ? (unsigned long long)n[i] << 32 : 0ull);
+        mine += counts(n[i]);
     }
     unsigned long long total;
     unsigned long long before = block_scan(mine, total);
@@ -312,7 +318,7 @@ __device__ __forceinline__ bool schedule(const DecodeParams& p, int item, Work& 
             const int r = hi[i] - lo[i] / kBlockRows * kBlockRows;
             found[6] = ((r + n[i] - 1) / n[i] + kBlockRows - 1) / kBlockRows * kBlockRows;
         }
-        if (n[i] > 0) before += (unsigned long long)(n[i] - 1) | (n[i] > 1 ? (unsigned long long)n[i] << 32 : 0ull);
+        before += counts(n[i]);
     }
     __syncthreads();
     if (item >= full + p.batch) return false;
@@ -341,7 +347,8 @@ __device__ __forceinline__ bool locate(const DecodeParams& p, Work& w) {
     w.kv_head = blockIdx.y;
     w.split = x;
     w.count = p.num_splits;
-    w.part = (((long long)w.b * p.num_kv_heads + w.kv_head) * p.num_group_tiles + w.tile) * p.num_splits;
+    w.part = (((long long)w.b * p.num_kv_heads + w.kv_head) * p.num_group_tiles + w.tile)
+             * p.num_splits;
     long long lo, hi;
     live_rows(p, w.b, lo, hi);
     w.start = max(lo, (long long)x * p.split_rows);
