@@ -78,8 +78,15 @@ class _Runner:
         with _on_stream(self.torch, self.problem.device, stream), self.torch.no_grad():
             self._compute(args)
 
-    # The plan's fast path hands over the torch tensors themselves, checked (no views).
-    run_tensors = __call__
+    def run_tensors(self, args: DecodeArgs, stream: int | None) -> None:
+        """The plan's fast path: the torch tensors themselves, checked (no views), none of
+        them requiring grad, so no result can carry history and grad mode need not be set;
+        on the CPU there is no stream either (a few us a call, next to SDPA's ~20 at small
+        shapes)."""
+        if self.problem.device.kind == "cpu":
+            self._compute(args)
+        else:
+            self(args, stream)
 
     def _host_ranges(self, args: DecodeArgs) -> list[tuple[int, int]] | None:
         """Each batch entry's attended keys [lo, hi) when its lengths and offsets are in host
