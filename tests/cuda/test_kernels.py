@@ -20,7 +20,8 @@ from flashdec.backends.cuda import DecodeParams, MergeParams, precompile  # noqa
 from flashdec._errors import CompilationError  # noqa: E402
 from flashdec.backends.cuda._compiler import clear_memory_cache, compile_cubin, nvrtc_version  # noqa: E402
 from flashdec.backends.cuda._kernels import (DEFAULT_BANDWIDTH, MAX_FUSED_SPLITS,  # noqa: E402
-                                             MAX_SPLITS, BY_LENGTH_MAX_BATCH, BLOCK_ROWS,
+                                             MAX_SPLITS, BY_LENGTH_MAX_BATCH,
+                                             BY_LENGTH_MAX_WORKSPACE, BLOCK_ROWS,
                                              CHUNK_ALIGN, MmaSpec,
                                              choose_kernels, combine_kernel, merge_kernel,
                                              shipped_kernels, source, split_cost,
@@ -200,6 +201,13 @@ def test_splits_by_length_fit_the_grid_and_workspace_for_any_lengths(shape):
     pads = [rng.randint(0, cap) for _ in range(b)]
     cases.append(([max(a, rng.randint(0, cap)) for a in pads], pads))
     cases.append(([cap] * b, [BLOCK_ROWS - 1] * b))
+    for _ in range(200):  # random mixes, lengths just past multiples of the piece included
+        step = rng.choice([layout.min_rows, layout.split_rows, CHUNK_ALIGN])
+        lengths = [min(cap, rng.choice([0, 1, cap, rng.randint(0, cap),
+                                        step * rng.randint(1, max(1, cap // step)) + 1]))
+                   for _ in range(b)]
+        pad = [rng.choice([0, 0, BLOCK_ROWS - 1, rng.randint(0, n)]) for n in lengths]
+        cases.append((lengths, pad if rng.random() < 0.3 else None))
     for lengths, leftpad in cases:
         counts, chunk = _schedule(lengths, layout, leftpad)
         assert sum(counts) <= layout.grid_splits
@@ -213,9 +221,17 @@ def test_splits_by_length_fit_the_grid_and_workspace_for_any_lengths(shape):
             assert sum(counts) >= min(layout.few_splits, b) / 2
 
 
-def test_seqlens_past_by_length_batch_cut_the_capacity():
+def test_seqlens_past_by_length_batch_or_workspace_cut_the_capacity():
     big = _problem(BY_LENGTH_MAX_BATCH + 1, 8, 1, 4096, 128, seqlens=True)
     assert not split_layout(big, choose_kernels(big, True)[0], num_sms=132).by_length
+    mha = _problem(BY_LENGTH_MAX_BATCH, 32, 32, 32768, 128, seqlens=True)  # ~GBs of partials
+    spec = choose_kernels(mha, True)[0]
+    assert not split_layout(mha, spec, num_sms=132).by_length
+    engine = _problem(64, 32, 8, 32768, 128, seqlens=True)
+    spec = choose_kernels(engine, True)[0]
+    layout = split_layout(engine, spec, num_sms=132)
+    assert layout.by_length
+    assert sum(workspace_layout(engine, spec, layout)) <= BY_LENGTH_MAX_WORKSPACE
     fixed = _problem(4, 8, 1, 4096, 128, seqlens=True)
     layout = split_layout(fixed, choose_kernels(fixed, True)[0], num_sms=132, num_splits=3)
     assert not layout.by_length and layout.num_splits == 3

@@ -16,7 +16,7 @@ from ..._contract import DecodeProblem
 from ..._dtypes import DType
 
 __all__ = ["MmaSpec", "SimtSpec", "KernelSpec", "SplitLayout", "THREADS", "MAX_SPLITS",
-           "MAX_FUSED_SPLITS", "MAX_HEAD_DIM", "BY_LENGTH_MAX_BATCH",
+           "MAX_FUSED_SPLITS", "MAX_HEAD_DIM", "BY_LENGTH_MAX_BATCH", "BY_LENGTH_MAX_WORKSPACE",
            "BLOCK_ROWS", "CHUNK_ALIGN", "MAX_MERGE_PARTS", "VECTOR_BYTES", "source",
            "choose_kernels", "kernels_for", "shipped_kernels", "split_layout",
            "workspace_layout", "merge_kernel", "combine_kernel", "combine_grid", "split_cost"]
@@ -49,6 +49,9 @@ BY_LENGTH_FEW_PER_SM = 1.0
 BY_LENGTH_MOST_PER_SM = 4.0
 BY_LENGTH_MAX_BATCH = 4 * 128
 BY_LENGTH_MAX_ROWS = 1 << 30  # schedule() counts rows in int32
+# Past this much workspace (large batches of many KV heads: partials are per head tile) the
+# capacity is cut instead: such a batch is many waves of CTAs already.
+BY_LENGTH_MAX_WORKSPACE = 64 << 20
 CHUNK_ALIGN = 64       # kChunkAlign: a split cut by length is a multiple of these rows
 SMEM_PER_SM = 228 * 1024   # sm_80 / sm_90 shared memory per SM (227 KB at most per CTA)
 SMEM_RESERVED = 2 * 1024   # per CTA: the 1 KB the driver reserves, and slack
@@ -361,7 +364,9 @@ def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
         return SplitLayout(1, max(kv_len, 1), tiles)
     if (problem.seqlens and num_splits is None and problem.batch <= BY_LENGTH_MAX_BATCH
             and kv_len < BY_LENGTH_MAX_ROWS):
-        return _by_length(problem, spec, num_sms, tiles)
+        layout = _by_length(problem, spec, num_sms, tiles)
+        if layout is not None:
+            return layout
     if num_splits is None:
         most = max(1, min(MAX_SPLITS, kv_len // MIN_SPLIT_ROWS))
         best = None
@@ -383,11 +388,13 @@ def split_layout(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
     return SplitLayout(count, rows, tiles, _merges_apart(problem, spec, count))
 
 
-def _by_length(problem: DecodeProblem, spec: KernelSpec, num_sms: int, tiles: int) -> SplitLayout:
+def _by_length(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
+               tiles: int) -> SplitLayout | None:
     """The bounds schedule() in decode.cu cuts within on the GPU (see BY_LENGTH_SPLIT_BYTES),
     at least one split per sequence, pieces of at least MIN_SPLIT_ROWS rows and few enough
     that no sequence has more than its merge takes; the grid and the partials sized by
-    schedule()'s bounds."""
+    schedule()'s bounds. None when those partials would take more than
+    BY_LENGTH_MAX_WORKSPACE."""
     per_head = problem.num_kv_heads * tiles
     few = max(problem.batch, int(BY_LENGTH_FEW_PER_SM * num_sms / per_head))
     target = max(few, math.ceil(BY_LENGTH_MOST_PER_SM * num_sms / per_head))
@@ -399,12 +406,17 @@ def _by_length(problem: DecodeProblem, spec: KernelSpec, num_sms: int, tiles: in
         return SplitLayout(1, problem.kv_len, tiles)
     row_bytes = 2 * problem.head_dim * problem.kv_dtype.itemsize
     piece = _round_up(max(1, BY_LENGTH_SPLIT_BYTES // row_bytes), CHUNK_ALIGN)
-    # schedule()'s bound on splits, W / chunk + 1.25 B, for chunk >= W / target, and for W <=
-    # B * kv_len: chunk >= W / few below few pieces of `piece` rows, else >= piece
+    # schedule()'s bounds count W / chunk: at most `target` (chunk >= W / target), and, W
+    # being at most B * kv_len, at most `few` below few pieces of `piece` rows, else at most
+    # B * kv_len / piece (chunk >= piece). Splits < W / chunk + 2B; partials < 2.62 W / chunk.
     pieces = min(target, max(few, math.ceil(problem.batch * problem.kv_len / piece)))
-    return SplitLayout(math.ceil(reach / min_rows), piece, tiles, combine,
-                       target_splits=target, few_splits=few, min_rows=min_rows,
-                       grid_splits=pieces + 2 * problem.batch, part_capacity=3 * target)
+    layout = SplitLayout(math.ceil(reach / min_rows), piece, tiles, combine,
+                         target_splits=target, few_splits=few, min_rows=min_rows,
+                         grid_splits=pieces + 2 * problem.batch,
+                         part_capacity=21 * pieces // 8 + 1)
+    if sum(workspace_layout(problem, spec, layout)) > BY_LENGTH_MAX_WORKSPACE:
+        return None
+    return layout
 
 
 def _round_up(n: int, multiple: int) -> int:

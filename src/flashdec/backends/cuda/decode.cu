@@ -264,10 +264,11 @@ constexpr int kSchedulePer = 4;  // sequences per thread of schedule(): batch <=
 // order is longest first: grid x enumerates every piece but the last of every sequence (in
 // batch order), then the last piece of each sequence; CTAs past them return false. Only
 // sequences of several splits keep partials, packed per (kv_head, tile).
-// Bounds (the host sizes the grid and the workspace by them): r_b < live rows + kBlockRows,
-// so sum_b n_b <= W / chunk + B (1 + 15 / 64) < target_splits + 2B; sequences of several
-// splits have r_b > chunk, so they hold fewer than 2 W / chunk + 30 W / (chunk (chunk - 15))
-// < 2.62 target_splits partials; no sequence has more than (kv_len + 15) / min_chunk splits.
+// Bounds (the host sizes the grid and the workspace by them, with W / chunk <= target_splits
+// and tighter counts it knows, _kernels._by_length): r_b < live rows + kBlockRows, so
+// sum_b n_b <= W / chunk + B (1 + 15 / 64) < W / chunk + 2B; sequences of several splits
+// have r_b > chunk, so they hold fewer than 2 W / chunk + 30 W / (chunk (chunk - 15)) <
+// 2.62 W / chunk partials; no sequence has more than (kv_len + 15) / min_chunk splits.
 // Rows are int32 (the host takes this path below 2^30 rows).
 __device__ __forceinline__ bool schedule(const DecodeParams& p, int item, Work& w) {
     __shared__ int found[7];  // b, split, count, partials before b, lo, hi, piece rows
