@@ -16,13 +16,13 @@ import torch
 
 import flashdec
 from flashdec.backends.cuda import _kernels
+from flashdec.bench.paged import RAGGED_ROW, ragged_case
 from flashdec.bench.timing import median_us
 
 ROWS = ((8, 32, 8, 8192, 128), (32, 32, 8, 2048, 128), (1, 32, 8, 32768, 128),
         (16, 32, 8, 16384, 128), (64, 32, 8, 4096, 128), (256, 8, 1, 4096, 128),
         (1, 8, 1, 131072, 128), (4, 32, 8, 512, 128),
         (4, 32, 8, 32768, 128, 512), (32, 32, 8, 32768, 128, 4096))  # [, live lengths]
-PAGED_RAGGED = (16, 32, 8, 32768, 128, 16)
 
 
 def _plans(q, k, v, out, seqlens, waves, extra, with_none):
@@ -61,22 +61,13 @@ def _line(label, us):
 def main() -> None:
     waves = [float(w) for w in sys.argv[1].split(",")] if len(sys.argv) > 1 else [1, 2, 4]
     shipped = _kernels.BY_LENGTH_SPLIT_BYTES
-    b, hq, hkv, n, d, ps = PAGED_RAGGED
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    lengths = torch.linspace(1, n, b).round().to(torch.int32)
-    lengths = lengths[torch.randperm(b, generator=torch.Generator().manual_seed(6))]
-    mean = int(lengths.sum()) // b
-    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    pages = b * n // ps
-    kp = torch.randn(pages, hkv, ps, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    vp = torch.randn_like(kp)
-    table = torch.randperm(pages, device="cuda", generator=gen).view(b, n // ps).to(torch.int32)
-    out = torch.empty_like(q)
+    q, kp, vp, table, out, lengths, mean = ragged_case(torch)
+    b = q.shape[0]
     res = {}
     for kind, values in (("ragged", lengths), ("uniform", torch.full((b,), mean))):
         seqlens = values.to(device="cuda", dtype=torch.int32)
         res[kind] = _time(_plans(q, kp, vp, out, seqlens, waves, {"block_table": table}, False))
-        print(_line(f"paged {PAGED_RAGGED} {kind:8s}", res[kind]), flush=True)
+        print(_line(f"paged {RAGGED_ROW} {kind:8s}", res[kind]), flush=True)
     print("paged ragged / uniform: " + "  ".join(
         f"{name} {res['ragged'][name] / res['uniform'][name]:.3f}" for name in res["ragged"]))
     del kp, vp

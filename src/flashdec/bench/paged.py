@@ -85,21 +85,27 @@ def _paged_row(torch: Any, flashdec: Any, dims: tuple, page_size: int, iters: in
     return row
 
 
-def _ragged_row(torch: Any, flashdec: Any, iters: int) -> dict:
-    """Lengths 1..K shuffled against every sequence at their mean: the same bytes."""
-    b, hq, hkv, klen, d, page_size = RAGGED_ROW
+def ragged_case(torch: Any, row: tuple = RAGGED_ROW) -> tuple:
+    """(q, k_pool, v_pool, table, out, lengths, mean) of the ragged paged row: lengths 1..K
+    shuffled (int32, host), pages in random order, K and V pools of their own."""
+    b, hq, hkv, klen, d, page_size = row
     gen = torch.Generator(device="cuda").manual_seed(5)
     lengths = torch.linspace(1, klen, b).round().to(torch.int32)
     lengths = lengths[torch.randperm(b, generator=torch.Generator().manual_seed(6))]
-    mean = int(lengths.sum()) // b
     q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     max_pages = klen // page_size
     k_pool = torch.randn(b * max_pages, hkv, page_size, d, device="cuda", dtype=torch.bfloat16,
                          generator=gen)
     v_pool = torch.randn_like(k_pool)
     table = torch.randperm(b * max_pages, device="cuda", generator=gen).view(b, max_pages)
-    table = table.to(torch.int32)
-    out = torch.empty_like(q)
+    return (q, k_pool, v_pool, table.to(torch.int32), torch.empty_like(q), lengths,
+            int(lengths.sum()) // b)
+
+
+def _ragged_row(torch: Any, flashdec: Any, iters: int) -> dict:
+    """Lengths 1..K shuffled against every sequence at their mean: the same bytes."""
+    b, hq, hkv, klen, d, page_size = RAGGED_ROW
+    q, k_pool, v_pool, table, out, lengths, mean = ragged_case(torch)
     calls = {}
     for name, values in (("ragged", lengths), ("uniform", torch.full((b,), mean))):
         seqlens = values.to(device="cuda", dtype=torch.int32)
