@@ -47,8 +47,9 @@ def plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, *,
     LSE likewise with ``return_lse``). ``seqlens``, scale tensors and ``lse_out`` fix their
     presence and layout: each run passes tensors of the same layout. Float scales, ``scale``,
     ``softcap`` and ``window_left`` are fixed here, and so are the backend options
-    (``num_splits=``), checked here on every backend. A paged plan fixes ``max_pages`` (the
-    split layout covers that capacity); every run reads its table and lengths anew.
+    (``num_splits=``), checked here on every backend. A paged plan fixes ``max_pages``; every
+    run reads its table and lengths anew (on the cuda backend, lengths also decide how the
+    keys are split, on the GPU).
     """
     given = _args.bundle(q, k, v, out, seqlens, k_scale, v_scale, lse_out, block_table,
                          cache_leftpad)
