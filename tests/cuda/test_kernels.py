@@ -102,6 +102,22 @@ def test_params_structs_and_smem_sizes_match_decode_cu():
         raise
 
 
+def test_host_constants_match_decode_cu():
+    """The host's mirrors of decode.cu's constants: a mismatch would size grids, workspaces
+    and batches for another kernel (e.g. sequences past the schedule's reach)."""
+    from flashdec.backends.cuda import _kernels as K
+
+    mirrors = {"kThreads": K.THREADS, "kMaxSplits": K.MAX_SPLITS,
+               "kMaxFusedSplits": K.MAX_FUSED_SPLITS, "kCombineDims": K.COMBINE_DIMS,
+               "kMmaHeads": K.MMA_HEADS, "kBlockRows": K.BLOCK_ROWS,
+               "kChunkAlign": K.CHUNK_ALIGN, "kMaxMergeParts": K.MAX_MERGE_PARTS,
+               "kThreads * flashdec::kSchedulePer": K.BY_LENGTH_MAX_BATCH}
+    checks = [f'static_assert(flashdec::{expr} == {value}, "{expr}");'
+              for expr, value in mirrors.items()]
+    compile_cubin(source() + "\n" + "\n".join(checks) + "\n", [], "sm_90",
+                  source_name="constants_check.cu", use_cache=False)
+
+
 def test_precompile_with_explicit_arch_needs_no_gpu(tmp_path, monkeypatch):
     from flashdec.backends.cuda import _modules
 
