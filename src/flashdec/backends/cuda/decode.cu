@@ -260,9 +260,10 @@ constexpr int kSchedulePer = 4;  // sequences per thread of schedule(): batch <=
 // about target_splits (the grid). Sequence b takes n_b = ceil(r_b / chunk) equal pieces of
 // r_b = hi_b - base_b rows from base_b = lo_b rounded down to kBlockRows (a paged block then
 // lies in one page), each rounded up to kBlockRows; an empty range takes one empty split (it
-// writes Y = 0, LSE = -inf). The CTA scheduler hands out blocks in index order, so the
-// order is longest first: grid x enumerates every piece but the last of every sequence (in
-// batch order), then the last piece of each sequence; CTAs past them return false. Only
+// writes Y = 0, LSE = -inf). The CTA scheduler hands out blocks in index order, so a
+// sequence's last piece (its shortest) waits for every other piece: grid x enumerates every
+// piece but the last of every sequence (in batch order), then the last piece of each
+// sequence; CTAs past them return false. Only
 // sequences of several splits keep partials, packed per (kv_head, tile).
 // Bounds (the host sizes the grid and the workspace by them, with W / chunk <= target_splits
 // and tighter counts it knows, _kernels._by_length): r_b < live rows + kBlockRows, so
