@@ -204,6 +204,12 @@ __device__ __forceinline__ void live_rows(const DecodeParams& p, int b, long lon
     }
 }
 
+// A (batch entry, kv_head, group tile) slot: its arrival counter and, by capacity, its
+// partials.
+__device__ __forceinline__ long long slot_of(const DecodeParams& p, int b, int kv_head, int tile) {
+    return ((long long)b * p.num_kv_heads + kv_head) * p.num_group_tiles + tile;
+}
+
 // What one CTA computes: split `split` of the `count` splits of batch entry b's slot (b,
 // kv_head, tile), rows [start, end) (none when start >= end); with count > 1 its partial
 // goes to the slot's partial `part + split` (units of group_tile heads).
@@ -299,12 +305,12 @@ __device__ __forceinline__ bool schedule(const DecodeParams& p, int item, Work& 
         const unsigned long long parts = n > 1 ? (unsigned long long)n << 32 : 0ull;
         return n == 0 ? 0ull : (unsigned long long)(n - 1) | parts;
     };
-    int n[kSchedulePer];
+    int n[kSchedulePer], r[kSchedulePer];  // pieces, rows from lo rounded down to kBlockRows
     unsigned long long mine = 0;
 #pragma unroll
     for (int i = 0; i < kSchedulePer; ++i) {
-        const int base = lo[i] / kBlockRows * kBlockRows;
-        n[i] = b0 + i >= p.batch ? 0 : hi[i] <= lo[i] ? 1 : (hi[i] - base + chunk - 1) / chunk;
+        r[i] = hi[i] - lo[i] / kBlockRows * kBlockRows;
+        n[i] = b0 + i >= p.batch ? 0 : hi[i] <= lo[i] ? 1 : (r[i] + chunk - 1) / chunk;
         mine += counts(n[i]);
     }
     unsigned long long total;
@@ -317,8 +323,7 @@ __device__ __forceinline__ bool schedule(const DecodeParams& p, int item, Work& 
         if (piece || (n[i] > 0 && item == full + b0 + i)) {
             found[0] = b0 + i; found[1] = piece ? item - first : n[i] - 1; found[2] = n[i];
             found[3] = (int)(before >> 32); found[4] = lo[i]; found[5] = hi[i];
-            const int r = hi[i] - lo[i] / kBlockRows * kBlockRows;
-            found[6] = ((r + n[i] - 1) / n[i] + kBlockRows - 1) / kBlockRows * kBlockRows;
+            found[6] = ((r[i] + n[i] - 1) / n[i] + kBlockRows - 1) / kBlockRows * kBlockRows;
         }
         before += counts(n[i]);
     }
@@ -336,8 +341,8 @@ __device__ __forceinline__ bool schedule(const DecodeParams& p, int item, Work& 
 
 // This CTA's work. By length (schedule()): grid x = (item * num_kv_heads + kv_head) * tiles
 // + tile, so every head's splits come before the grid's spare CTAs. By capacity: split
-// blockIdx.x / tiles of batch entry blockIdx.z for kv_head blockIdx.y. False: nothing to do
-// (past the schedule), uniform in the CTA.
+// blockIdx.x / tiles of batch entry blockIdx.z for kv_head blockIdx.y, its rows set later by
+// read_rows(). False: nothing to do (past the schedule), uniform in the CTA.
 __device__ __forceinline__ bool locate(const DecodeParams& p, Work& w) {
     w.tile = blockIdx.x % p.num_group_tiles;
     const int x = blockIdx.x / p.num_group_tiles;
@@ -349,13 +354,18 @@ __device__ __forceinline__ bool locate(const DecodeParams& p, Work& w) {
     w.kv_head = blockIdx.y;
     w.split = x;
     w.count = p.num_splits;
-    w.part = (((long long)w.b * p.num_kv_heads + w.kv_head) * p.num_group_tiles + w.tile)
-             * p.num_splits;
+    w.part = slot_of(p, w.b, w.kv_head, w.tile) * p.num_splits;
+    return true;
+}
+
+// Sets [w.start, w.end) of a split by capacity (by length, schedule() has set them): called
+// after the kernel has issued its Q loads, since the live range may be a memory read.
+__device__ __forceinline__ void read_rows(const DecodeParams& p, Work& w) {
+    if (p.target_splits > 0) return;
     long long lo, hi;
     live_rows(p, w.b, lo, hi);
-    w.start = max(lo, (long long)x * p.split_rows);
-    w.end = min(hi, (long long)(x + 1) * p.split_rows);
-    return true;
+    w.start = max(lo, (long long)w.split * p.split_rows);
+    w.end = min(hi, (long long)(w.split + 1) * p.split_rows);
 }
 
 // Where key row j of batch entry b lives: returns the page and sets `row`, its row in the
@@ -438,7 +448,7 @@ __device__ void finish(const DecodeParams& p, float* sm_o, int ldo, float* sm_m,
     const int b = w.b, splits = w.count;
     const int heads = min(GT, p.group_size - w.tile * GT);
     const long long head0 = (long long)w.kv_head * p.group_size + w.tile * GT;
-    const long long slot = ((long long)b * p.num_kv_heads + w.kv_head) * p.num_group_tiles + w.tile;
+    const long long slot = slot_of(p, b, w.kv_head, w.tile);
     float* part_o = p.partial_o + (w.part + w.split) * GT * D;
     float* part_ml = p.partial_ml + (w.part + w.split) * GT * 2;
     if (p.combine && p.target_splits > 0 && w.split == 0 && threadIdx.x == 0) {
@@ -774,6 +784,7 @@ decode_mma_kernel(const __grid_constant__ DecodeParams p) {
     }
     cp_async_commit();
 
+    read_rows(p, work);
     const long long start = work.start, end = work.end;
     // A paged cache's blocks start on the grid of kBlockRows rows, so that each lies in one
     // page (the host takes this kernel for page sizes that are multiples of kBlockRows); rows
@@ -1260,6 +1271,7 @@ decode_simt_kernel(const __grid_constant__ DecodeParams p) {
             for (int i = 0; i < VEC; ++i) o[j][c][i] = 0.f;
     }
 
+    read_rows(p, work);
     const long long start = work.start, end = work.end;
     const long long rows = end > start ? end - start : 0;
     const int num_tiles = (int)((rows + NG * ROWS - 1) / (NG * ROWS));  // uniform in the CTA
@@ -1370,7 +1382,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
     const int b = blockIdx.z / chunks, chunk = blockIdx.z % chunks;
     if (tile * group_tile + j >= p.group_size) return;  // past the group (uniform in the CTA)
     const long long head = (long long)kv_head * p.group_size + tile * group_tile + j;
-    const long long slot = ((long long)b * p.num_kv_heads + kv_head) * p.num_group_tiles + tile;
+    const long long slot = slot_of(p, b, kv_head, tile);
     const int D = p.head_dim;
     const long long split_stride = (long long)group_tile * D;
     const int col = threadIdx.x % COLS, part = threadIdx.x / COLS;
