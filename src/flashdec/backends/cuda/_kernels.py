@@ -410,6 +410,8 @@ def _by_length(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
     # being at most B * kv_len, at most `few` below few pieces of `piece` rows, else at most
     # B * kv_len / piece (chunk >= piece). Splits < W / chunk + 2B; partials < 2.62 W / chunk.
     pieces = min(target, max(few, math.ceil(problem.batch * problem.kv_len / piece)))
+    if 3 * target + 2 * problem.batch >= 1 << 21:  # past the 21-bit counts of schedule()'s scan
+        return None
     layout = SplitLayout(math.ceil(reach / min_rows), piece, tiles, combine,
                          target_splits=target, few_splits=few, min_rows=min_rows,
                          grid_splits=pieces + 2 * problem.batch,

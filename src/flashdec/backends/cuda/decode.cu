@@ -263,22 +263,23 @@ constexpr int kSchedulePer = 4;  // sequences per thread of schedule(): batch <=
 // rounded up to kChunkAlign: pieces of about split_rows (a few us of streaming each, so that
 // the CTA scheduler balances ragged lengths over several waves), but at least few_splits
 // pieces per (kv_head, tile) over the batch (a small batch keeps every SM busy) and at most
-// about target_splits (the grid). Sequence b takes n_b = ceil(r_b / chunk) equal pieces of
-// r_b = hi_b - base_b rows from base_b = lo_b rounded down to kBlockRows (a paged block then
-// lies in one page), each rounded up to kBlockRows; an empty range takes one empty split (it
-// writes Y = 0, LSE = -inf). The CTA scheduler hands out blocks in index order, so a
-// sequence's last piece (its shortest) waits for every other piece: grid x enumerates every
-// piece but the last of every sequence (in batch order), then the last piece of each
-// sequence; CTAs past them return false. Only
-// sequences of several splits keep partials, packed per (kv_head, tile).
+// about target_splits (the grid). Sequence b's r_b = hi_b - base_b rows from base_b = lo_b
+// rounded down to kBlockRows (a paged block then lies in one page) take n_b = ceil(r_b /
+// chunk) pieces: n_b - 1 of exactly chunk rows, then the rest; an empty range takes one empty
+// split (it writes Y = 0, LSE = -inf). The CTA scheduler hands out blocks in index order, to
+// the first free slot, so the makespan is shortest when the longest pieces come first: grid x
+// enumerates every whole piece (batch order), then the last pieces of at least chunk / 2 rows,
+// then the others; CTAs past them return false. Only sequences of several splits keep
+// partials, packed per (kv_head, tile).
 // Bounds (the host sizes the grid and the workspace by them, with W / chunk <= target_splits
 // and tighter counts it knows, _kernels._by_length): r_b < live rows + kBlockRows, so
 // sum_b n_b <= W / chunk + B (1 + 15 / 64) < W / chunk + 2B; sequences of several splits
 // have r_b > chunk, so they hold fewer than 2 W / chunk + 30 W / (chunk (chunk - 15)) <
 // 2.62 W / chunk partials; no sequence has more than (kv_len + 15) / min_chunk splits.
-// Rows are int32 (the host takes this path below 2^30 rows).
+// Rows are int32 (the host takes this path below 2^30 rows); the scan's counts are below
+// 2^21 (the host's grid and partials bounds, checked there).
 __device__ __forceinline__ bool schedule(const DecodeParams& p, int item, Work& w) {
-    __shared__ int found[7];  // b, split, count, partials before b, lo, hi, piece rows
+    __shared__ int found[6];  // b, split, count, partials before b, lo, hi
     const int b0 = threadIdx.x * kSchedulePer;
     int lo[kSchedulePer], hi[kSchedulePer];
     long long rows = 0;
@@ -300,42 +301,49 @@ __device__ __forceinline__ bool schedule(const DecodeParams& p, int item, Work& 
     // Spare CTAs leave before the scan: sum_b n_b <= (W + 15 B) / chunk + B.
     if ((long long)(item - p.batch) * chunk > rows + (kBlockRows - 1) * (long long)p.batch)
         return false;
-    // A sequence of n pieces: n - 1 before the last pieces (low 32 bits), n partials if n > 1.
-    auto counts = [](int n) -> unsigned long long {
-        const unsigned long long parts = n > 1 ? (unsigned long long)n << 32 : 0ull;
-        return n == 0 ? 0ull : (unsigned long long)(n - 1) | parts;
+    // What a sequence of n pieces adds to the scan, 21 bits each: its n - 1 whole pieces, 1 if
+    // its last piece is long (>= chunk / 2 rows), its n partials if n > 1.
+    constexpr int kLong = 21, kParts = 42;
+    constexpr unsigned long long kField = (1ull << 21) - 1;
+    auto counts = [](int n, bool long_last) -> unsigned long long {
+        const unsigned long long parts = n > 1 ? (unsigned long long)n << kParts : 0ull;
+        return n == 0 ? 0ull
+                      : (unsigned long long)(n - 1) | (unsigned long long)long_last << kLong | parts;
     };
-    int n[kSchedulePer], r[kSchedulePer];  // pieces, rows from lo rounded down to kBlockRows
+    int n[kSchedulePer];
+    bool long_last[kSchedulePer];
     unsigned long long mine = 0;
 #pragma unroll
     for (int i = 0; i < kSchedulePer; ++i) {
-        r[i] = hi[i] - lo[i] / kBlockRows * kBlockRows;
-        n[i] = b0 + i >= p.batch ? 0 : hi[i] <= lo[i] ? 1 : (r[i] + chunk - 1) / chunk;
-        mine += counts(n[i]);
+        const int r = hi[i] - lo[i] / kBlockRows * kBlockRows;
+        n[i] = b0 + i >= p.batch ? 0 : hi[i] <= lo[i] ? 1 : (r + chunk - 1) / chunk;
+        long_last[i] = hi[i] > lo[i] && 2 * (r - (n[i] - 1) * chunk) >= chunk;
+        mine += counts(n[i], long_last[i]);
     }
     unsigned long long total;
     unsigned long long before = block_scan(mine, total);
-    const int full = (int)(total & 0xffffffffu);
+    const int whole = (int)(total & kField), longs = (int)(total >> kLong & kField);
 #pragma unroll
     for (int i = 0; i < kSchedulePer; ++i) {
-        const int first = (int)(before & 0xffffffffu);
+        const int first = (int)(before & kField), longs_before = (int)(before >> kLong & kField);
+        const int last = long_last[i] ? whole + longs_before
+                                      : whole + longs + (b0 + i - longs_before);
         const bool piece = item >= first && item < first + n[i] - 1;
-        if (piece || (n[i] > 0 && item == full + b0 + i)) {
+        if (piece || (n[i] > 0 && item == last)) {
             found[0] = b0 + i; found[1] = piece ? item - first : n[i] - 1; found[2] = n[i];
-            found[3] = (int)(before >> 32); found[4] = lo[i]; found[5] = hi[i];
-            found[6] = ((r[i] + n[i] - 1) / n[i] + kBlockRows - 1) / kBlockRows * kBlockRows;
+            found[3] = (int)(before >> kParts); found[4] = lo[i]; found[5] = hi[i];
         }
-        before += counts(n[i]);
+        before += counts(n[i], long_last[i]);
     }
     __syncthreads();
-    if (item >= full + p.batch) return false;
+    if (item >= whole + p.batch) return false;
     w.b = found[0];
     w.split = found[1];
     w.count = found[2];
     w.part = ((long long)w.kv_head * p.num_group_tiles + w.tile) * p.part_capacity + found[3];
-    const int base = found[4] / kBlockRows * kBlockRows + w.split * found[6];
-    w.start = max(found[4], base);
-    w.end = min(found[5], base + found[6]);
+    const long long base = found[4] / kBlockRows * kBlockRows + (long long)w.split * chunk;
+    w.start = max((long long)found[4], base);
+    w.end = min((long long)found[5], base + chunk);
     return true;
 }
 
