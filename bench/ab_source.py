@@ -1,8 +1,9 @@
-"""A/B of the kernels: decode.cu as it is against another version of it (the same
-DecodeParams; e.g. `git show REV:src/flashdec/backends/cuda/decode.cu > old.cu`), on the rows
-splits by length serve: graph us of plans built from each source in one process, interleaved,
-twice, the mean of the two; the paged ragged row against its uniform twin for each.
-PYTHONPATH=src python3 bench/ab_source.py OTHER.cu"""
+"""A/B of the kernels: decode.cu as it is against other versions of it (the same
+DecodeParams; e.g. `git show REV:src/flashdec/backends/cuda/decode.cu > old.cu`): graph us of
+plans built from each source in one process, interleaved, twice, the mean of the two, on the
+bench's paged rows (page 16 and 64, and their contiguous twins), the paged ragged row against
+its uniform twin, and contiguous rows with seqlens (splits by length).
+PYTHONPATH=src python3 bench/ab_source.py OTHER.cu [OTHER.cu ...]"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 import flashdec
 from flashdec.backends.cuda import _modules
-from flashdec.bench.paged import RAGGED_ROW, ragged_case
+from flashdec.bench.paged import PAGED_ROWS, RAGGED_ROW, _pool, ragged_case
 from flashdec.bench.timing import median_us
 
 # (B, H_q, H_kv, cache K_len, D), lengths: "full", "ramp" (0..K shuffled) or "random" mixes
@@ -63,33 +64,63 @@ def _time(calls: dict) -> dict:
     return {name: statistics.fmean(t) for name, t in times.items()}
 
 
-def _pair(other: str, q, k, v, out, **kw) -> dict:
-    def build():
+def _variants(sources: dict, calls: dict) -> dict:
+    """(source name, call name) -> call: every call of `calls` (name -> (q, k, v, out, kw))
+    planned with the kernels of every source."""
+    def build(q, k, v, out, kw):
         p = flashdec.plan(q, k, v, out, backend="cuda", **kw)
         return lambda: p.run(q, k, v, out, **kw)
-    return _time({"this": _built_from(None, build), "other": _built_from(other, build)})
+    return {(src, name): _built_from(text, lambda a=args: build(*a))
+            for src, text in sources.items() for name, args in calls.items()}
+
+
+def _line(label: str, us: dict, sources: dict, name: str) -> str:
+    this = us[("this", name)]
+    return f"{label:34s} this {this:7.1f}" + "".join(
+        f"  {src} {us[(src, name)]:7.1f} ({this / us[(src, name)]:.3f})"
+        for src in sources if src != "this")
 
 
 def main() -> None:
-    other = open(sys.argv[1]).read()
+    sources = {"this": None}
+    sources.update({path.rsplit("/", 1)[-1]: open(path).read() for path in sys.argv[1:]})
+    print("this/other in parentheses", flush=True)
+    for b, hq, hkv, n, d, _ in PAGED_ROWS:
+        gen = torch.Generator(device="cuda").manual_seed(n)
+        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn_like(k)
+        out = torch.empty_like(q)
+        seqlens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+        calls = {"contiguous": (q, k, v, out, {"seqlens": seqlens})}
+        for ps in (16, 64):
+            pages = -(-n // ps)
+            table = torch.randperm(b * pages, device="cuda", generator=gen).view(b, pages)
+            table = table.to(torch.int32)
+            calls[f"page {ps}"] = (q, _pool(torch, k, table, ps), _pool(torch, v, table, ps),
+                                   out, {"block_table": table, "seqlens": seqlens})
+        us = _time(_variants(sources, calls))
+        for name in calls:
+            print(_line(f"{b},{hq},{hkv},{n},{d} {name}", us, sources, name), flush=True)
+        del calls
     q, kp, vp, table, out, lengths, mean = ragged_case(torch)
-    res = {}
-    for kind, values in (("ragged", lengths), ("uniform", torch.full((q.shape[0],), mean))):
-        res[kind] = _pair(other, q, kp, vp, out, block_table=table,
-                          seqlens=values.to(device="cuda", dtype=torch.int32))
-        print(f"paged {RAGGED_ROW} {kind:8s}  this {res[kind]['this']:7.1f}  "
-              f"other {res[kind]['other']:7.1f}", flush=True)
+    calls = {kind: (q, kp, vp, out, {"block_table": table,
+                                      "seqlens": values.to(device="cuda", dtype=torch.int32)})
+             for kind, values in (("ragged", lengths), ("uniform", torch.full_like(lengths, mean)))}
+    us = _time(_variants(sources, calls))
+    for name in calls:
+        print(_line(f"paged {RAGGED_ROW[:4]} {name}", us, sources, name), flush=True)
     print("paged ragged / uniform: " + "  ".join(
-        f"{name} {res['ragged'][name] / res['uniform'][name]:.3f}" for name in ("this", "other")))
-    del kp, vp
+        f"{src} {us[(src, 'ragged')] / us[(src, 'uniform')]:.3f}" for src in sources))
+    del kp, vp, calls
     for (b, hq, hkv, n, d), kind in ROWS:
         gen = torch.Generator(device="cuda").manual_seed(n)
         q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         v = torch.randn_like(k)
-        us = _pair(other, q, k, v, torch.empty_like(q), seqlens=_lengths(kind, b, n))
-        print(f"{b},{hq},{hkv},{n},{d} {kind:7s}  this {us['this']:7.1f}  other "
-              f"{us['other']:7.1f}  this/other {us['this'] / us['other']:.3f}", flush=True)
+        calls = {kind: (q, k, v, torch.empty_like(q), {"seqlens": _lengths(kind, b, n)})}
+        us = _time(_variants(sources, calls))
+        print(_line(f"{b},{hq},{hkv},{n},{d} {kind}", us, sources, kind), flush=True)
 
 
 if __name__ == "__main__":

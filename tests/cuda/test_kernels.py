@@ -237,6 +237,17 @@ def test_splits_by_length_fit_the_grid_and_workspace_for_any_lengths(shape):
             assert sum(counts) >= min(layout.few_splits, b) / 2
 
 
+def test_pages_of_one_block_are_cut_into_twice_the_ctas():
+    """A paged cache of 16-row pages (each block a random 4 KB read of K and of V) is cut into
+    at least two CTAs per SM over a short batch; pages of 32+ rows and a per-sequence cache
+    into one (bench/NOTES.md v9 measured both)."""
+    def few(**features):
+        problem = _problem(1, 32, 8, 32768, 128, seqlens=True, **features)
+        return split_layout(problem, choose_kernels(problem, True)[0], num_sms=132).few_splits
+    assert few() == few(page_size=64) == 16
+    assert few(page_size=16) == 33
+
+
 def test_seqlens_past_by_length_batch_or_workspace_cut_the_capacity():
     big = _problem(BY_LENGTH_MAX_BATCH + 1, 8, 1, 4096, 128, seqlens=True)
     assert not split_layout(big, choose_kernels(big, True)[0], num_sms=132).by_length

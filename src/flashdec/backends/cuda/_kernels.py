@@ -41,11 +41,14 @@ MIN_SPLIT_ROWS = 128   # below this a split's fixed costs (Q load, merge) outwei
 # lengths (decode.cu's schedule()): pieces of about BY_LENGTH_SPLIT_BYTES of K and V (a few
 # us of streaming, so that the CTA scheduler balances ragged lengths over several waves), at
 # least BY_LENGTH_FEW_PER_SM per SM over the batch (a short batch still fills the GPU; the
-# split cost model's choice for one length) and at most BY_LENGTH_MOST_PER_SM (the grid).
+# split cost model's choice for one length; BY_LENGTH_FEW_PER_SM_SMALL_PAGES for pages of
+# fewer than two 16-row blocks, whose blocks are random 4 KB reads that want more CTAs in
+# flight) and at most BY_LENGTH_MOST_PER_SM (the grid).
 # Every CTA reads the batch's lengths first (kSchedulePer = 4 per thread); past that a batch
 # is several waves of CTAs already, and the capacity is cut instead.
 BY_LENGTH_SPLIT_BYTES = 2 << 20
 BY_LENGTH_FEW_PER_SM = 1.0
+BY_LENGTH_FEW_PER_SM_SMALL_PAGES = 2.0
 BY_LENGTH_MOST_PER_SM = 4.0
 BY_LENGTH_MAX_BATCH = 4 * 128
 BY_LENGTH_MAX_ROWS = 1 << 30  # schedule() counts rows in int32
@@ -396,7 +399,9 @@ def _by_length(problem: DecodeProblem, spec: KernelSpec, num_sms: int,
     schedule()'s bounds. None when those partials would take more than
     BY_LENGTH_MAX_WORKSPACE."""
     per_head = problem.num_kv_heads * tiles
-    few = max(problem.batch, int(BY_LENGTH_FEW_PER_SM * num_sms / per_head))
+    small_pages = problem.page_size is not None and problem.page_size < 2 * BLOCK_ROWS
+    few_per_sm = BY_LENGTH_FEW_PER_SM_SMALL_PAGES if small_pages else BY_LENGTH_FEW_PER_SM
+    few = max(problem.batch, int(few_per_sm * num_sms / per_head))
     target = max(few, math.ceil(BY_LENGTH_MOST_PER_SM * num_sms / per_head))
     combine = _merges_apart(problem, spec, math.ceil(few / problem.batch) + 1)
     most = MAX_SPLITS if combine else MAX_FUSED_SPLITS
