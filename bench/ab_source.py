@@ -15,7 +15,7 @@ import torch
 
 import flashdec
 from flashdec.backends.cuda import _modules
-from flashdec.bench.paged import PAGED_ROWS, RAGGED_ROW, _pool, ragged_case
+from flashdec.bench.paged import PAGED_ROWS, RAGGED_ROW, paged_copy, ragged_case, row_case
 from flashdec.bench.timing import median_us
 
 # (B, H_q, H_kv, cache K_len, D), lengths: "full", "ramp" (0..K shuffled) or "random" mixes
@@ -86,19 +86,11 @@ def main() -> None:
     sources.update({path.rsplit("/", 1)[-1]: open(path).read() for path in sys.argv[1:]})
     print("this/other in parentheses", flush=True)
     for b, hq, hkv, n, d, _ in PAGED_ROWS:
-        gen = torch.Generator(device="cuda").manual_seed(n)
-        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn_like(k)
-        out = torch.empty_like(q)
-        seqlens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+        q, k, v, out, seqlens, gen = row_case(torch, (b, hq, hkv, n, d), n)
         calls = {"contiguous": (q, k, v, out, {"seqlens": seqlens})}
         for ps in (16, 64):
-            pages = -(-n // ps)
-            table = torch.randperm(b * pages, device="cuda", generator=gen).view(b, pages)
-            table = table.to(torch.int32)
-            calls[f"page {ps}"] = (q, _pool(torch, k, table, ps), _pool(torch, v, table, ps),
-                                   out, {"block_table": table, "seqlens": seqlens})
+            table, kp, vp = paged_copy(torch, k, v, ps, gen)
+            calls[f"page {ps}"] = (q, kp, vp, out, {"block_table": table, "seqlens": seqlens})
         us = _time(_variants(sources, calls))
         for name in calls:
             print(_line(f"{b},{hq},{hkv},{n},{d} {name}", us, sources, name), flush=True)

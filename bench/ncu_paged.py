@@ -10,17 +10,11 @@ import sys
 import torch
 
 import flashdec
-from flashdec.bench.paged import _pool
+from flashdec.bench.paged import paged_copy, row_case
 
-b, hq, hkv, n, d, ps = (int(x) for x in sys.argv[1].split(","))
-q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
-k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
-v = torch.randn_like(k)
-out = torch.empty_like(q)
-pages = -(-n // ps)
-table = torch.randperm(b * pages, device="cuda").view(b, pages).to(torch.int32)
-kp, vp = _pool(torch, k, table, ps), _pool(torch, v, table, ps)
-seqlens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+*dims, ps = (int(x) for x in sys.argv[1].split(","))
+q, k, v, out, seqlens, gen = row_case(torch, tuple(dims), 0)
+table, kp, vp = paged_copy(torch, k, v, ps, gen)
 contiguous = flashdec.plan(q, k, v, out, seqlens=seqlens, backend="cuda")
 paged = flashdec.plan(q, kp, vp, out, block_table=table, seqlens=seqlens, backend="cuda")
 print("contiguous:", contiguous.details, "\npaged:", paged.details, flush=True)

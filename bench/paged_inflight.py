@@ -11,7 +11,7 @@ import torch
 
 import flashdec
 from flashdec.backends.cuda import _kernels
-from flashdec.bench.paged import PAGED_ROWS, _pool, _time_pair, ragged_case
+from flashdec.bench.paged import PAGED_ROWS, _time_pair, paged_copy, ragged_case, row_case
 
 VARIANTS = {"shipped": (None, 1.0), "1 CTA x 6": (1, 1.0), "2/SM": (None, 2.0),
             "1 CTA x 6, 2/SM": (1, 2.0)}
@@ -39,18 +39,10 @@ def _report(label: str, us: dict, a: str, b: str) -> None:
 
 
 def main() -> None:
-    for b, hq, hkv, n, d, sizes in PAGED_ROWS:
-        gen = torch.Generator(device="cuda").manual_seed(n)
-        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn_like(k)
-        out = torch.empty_like(q)
-        seqlens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+    for b, hq, hkv, n, d, _ in PAGED_ROWS:
+        q, k, v, out, seqlens, gen = row_case(torch, (b, hq, hkv, n, d), n)
         for ps in (16, 64):
-            pages = -(-n // ps)
-            table = torch.randperm(b * pages, device="cuda", generator=gen).view(b, pages)
-            table = table.to(torch.int32)
-            kp, vp = _pool(torch, k, table, ps), _pool(torch, v, table, ps)
+            table, kp, vp = paged_copy(torch, k, v, ps, gen)
 
             def make():
                 pc = flashdec.plan(q, k, v, out, seqlens=seqlens, backend="cuda")

@@ -32,6 +32,28 @@ def _pool(torch: Any, x: Any, table: Any, page_size: int) -> Any:
     return pool
 
 
+def row_case(torch: Any, dims: tuple, seed: int) -> tuple:
+    """(q, k, v, out, seqlens, gen) of a full bf16 row (B, H_q, H_kv, K, D): a per-sequence
+    cache, every sequence at K; ``gen`` the CUDA generator the tensors came from."""
+    b, hq, hkv, klen, d = dims
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(b, hkv, klen, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    seqlens = torch.full((b,), klen, dtype=torch.int32, device="cuda")
+    return q, k, v, torch.empty_like(q), seqlens, gen
+
+
+def paged_copy(torch: Any, k: Any, v: Any, page_size: int, gen: Any) -> tuple:
+    """(table, k_pool, v_pool): k and v [B, H_kv, K, D] in pools of ``page_size`` rows, the
+    pages in random order."""
+    batch, kv_len = k.shape[0], k.shape[2]
+    max_pages = -(-kv_len // page_size)
+    table = torch.randperm(batch * max_pages, device="cuda", generator=gen)
+    table = table.view(batch, max_pages).to(torch.int32)
+    return table, _pool(torch, k, table, page_size), _pool(torch, v, table, page_size)
+
+
 def _time_pair(fns: dict, iters: int) -> dict:
     """Graph-mode median us of each call, measured in turn, twice; the mean of the two."""
     runs: dict[str, list[float]] = {name: [] for name in fns}
@@ -45,16 +67,9 @@ def _paged_row(torch: Any, flashdec: Any, dims: tuple, page_size: int, iters: in
     import torch.nn.functional as F
 
     b, hq, hkv, klen, d = dims
-    gen = torch.Generator(device="cuda").manual_seed(klen + page_size)
-    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(b, hkv, klen, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn_like(k)
-    out_c, out_p = torch.empty_like(q), torch.empty_like(q)
-    max_pages = -(-klen // page_size)
-    table = torch.randperm(b * max_pages, device="cuda", generator=gen).view(b, max_pages)
-    table = table.to(torch.int32)  # pages in random order
-    k_pool, v_pool = _pool(torch, k, table, page_size), _pool(torch, v, table, page_size)
-    seqlens = torch.full((b,), klen, dtype=torch.int32, device="cuda")
+    q, k, v, out_c, seqlens, gen = row_case(torch, dims, klen + page_size)
+    out_p = torch.empty_like(q)
+    table, k_pool, v_pool = paged_copy(torch, k, v, page_size, gen)
     # the contiguous twin gets the same lengths: with seqlens the split rule cuts finer
     # splits (live lengths may vary), so the twin without them is another layout
     contiguous = flashdec.plan(q, k, v, out_c, seqlens=seqlens, backend="cuda")
