@@ -8,7 +8,6 @@ PYTHONPATH=src python3 bench/ab_source.py OTHER.cu [OTHER.cu ...]"""
 from __future__ import annotations
 
 import random
-import statistics
 import sys
 
 import torch
@@ -16,7 +15,7 @@ import torch
 import flashdec
 from flashdec.backends.cuda import _modules
 from flashdec.bench.paged import PAGED_ROWS, RAGGED_ROW, paged_copy, ragged_case, row_case
-from flashdec.bench.timing import median_us
+from flashdec.bench.timing import interleaved_us
 
 # (B, H_q, H_kv, cache K_len, D), lengths: "full", "ramp" (0..K shuffled) or "random" mixes
 ROWS = (((8, 32, 8, 8192, 128), "full"), ((8, 32, 8, 8192, 128), "ramp"),
@@ -56,14 +55,6 @@ def _built_from(text: str | None, build):
         _modules._functions.clear()
 
 
-def _time(calls: dict) -> dict:
-    times = {name: [] for name in calls}
-    for _ in range(2):
-        for name, fn in calls.items():
-            times[name].append(median_us(lambda i: fn(), 1, True))
-    return {name: statistics.fmean(t) for name, t in times.items()}
-
-
 def _variants(sources: dict, calls: dict) -> dict:
     """(source name, call name) -> call: every call of `calls` (name -> (q, k, v, out, kw))
     planned with the kernels of every source."""
@@ -91,7 +82,7 @@ def main() -> None:
         for ps in (16, 64):
             table, kp, vp = paged_copy(torch, k, v, ps, gen)
             calls[f"page {ps}"] = (q, kp, vp, out, {"block_table": table, "seqlens": seqlens})
-        us = _time(_variants(sources, calls))
+        us = interleaved_us(_variants(sources, calls))
         for name in calls:
             print(_line(f"{b},{hq},{hkv},{n},{d} {name}", us, sources, name), flush=True)
         del calls
@@ -99,19 +90,16 @@ def main() -> None:
     calls = {kind: (q, kp, vp, out, {"block_table": table,
                                       "seqlens": values.to(device="cuda", dtype=torch.int32)})
              for kind, values in (("ragged", lengths), ("uniform", torch.full_like(lengths, mean)))}
-    us = _time(_variants(sources, calls))
+    us = interleaved_us(_variants(sources, calls))
     for name in calls:
         print(_line(f"paged {RAGGED_ROW[:4]} {name}", us, sources, name), flush=True)
     print("paged ragged / uniform: " + "  ".join(
         f"{src} {us[(src, 'ragged')] / us[(src, 'uniform')]:.3f}" for src in sources))
     del kp, vp, calls
     for (b, hq, hkv, n, d), kind in ROWS:
-        gen = torch.Generator(device="cuda").manual_seed(n)
-        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn_like(k)
-        calls = {kind: (q, k, v, torch.empty_like(q), {"seqlens": _lengths(kind, b, n)})}
-        us = _time(_variants(sources, calls))
+        q, k, v, out, _, _ = row_case(torch, (b, hq, hkv, n, d), n)
+        calls = {kind: (q, k, v, out, {"seqlens": _lengths(kind, b, n)})}
+        us = interleaved_us(_variants(sources, calls))
         print(_line(f"{b},{hq},{hkv},{n},{d} {kind}", us, sources, kind), flush=True)
 
 

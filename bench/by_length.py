@@ -9,15 +9,14 @@ PYTHONPATH=src python3 bench/by_length.py [MB,...]"""
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
 
 import flashdec
 from flashdec.backends.cuda import _kernels
-from flashdec.bench.paged import RAGGED_ROW, ragged_case
-from flashdec.bench.timing import median_us
+from flashdec.bench.paged import RAGGED_ROW, ragged_case, row_case
+from flashdec.bench.timing import interleaved_us
 
 ROWS = ((8, 32, 8, 8192, 128), (32, 32, 8, 2048, 128), (1, 32, 8, 32768, 128),
         (16, 32, 8, 16384, 128), (64, 32, 8, 4096, 128), (256, 8, 1, 4096, 128),
@@ -46,14 +45,6 @@ def _plans(q, k, v, out, seqlens, waves, extra, with_none):
     return calls
 
 
-def _time(calls):
-    times = {name: [] for name in calls}
-    for _ in range(2):
-        for name, fn in calls.items():
-            times[name].append(median_us(lambda i: fn(), 1, True))
-    return {name: statistics.fmean(t) for name, t in times.items()}
-
-
 def _line(label, us):
     return label + "  " + "  ".join(f"{n} {t:7.1f}" for n, t in us.items())
 
@@ -66,18 +57,15 @@ def main() -> None:
     res = {}
     for kind, values in (("ragged", lengths), ("uniform", torch.full((b,), mean))):
         seqlens = values.to(device="cuda", dtype=torch.int32)
-        res[kind] = _time(_plans(q, kp, vp, out, seqlens, waves, {"block_table": table}, False))
+        res[kind] = interleaved_us(_plans(q, kp, vp, out, seqlens, waves,
+                                          {"block_table": table}, False))
         print(_line(f"paged {RAGGED_ROW} {kind:8s}", res[kind]), flush=True)
     print("paged ragged / uniform: " + "  ".join(
         f"{name} {res['ragged'][name] / res['uniform'][name]:.3f}" for name in res["ragged"]))
     del kp, vp
     for b, hq, hkv, n, d, *live in ROWS:
         live = live[0] if live else n
-        gen = torch.Generator(device="cuda").manual_seed(n)
-        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn_like(k)
-        out = torch.empty_like(q)
+        q, k, v, out, _, _ = row_case(torch, (b, hq, hkv, n, d), n)
         for kind in ("uniform", "ragged"):
             if kind == "uniform":
                 values = torch.full((b,), live, dtype=torch.int32)
@@ -85,7 +73,7 @@ def main() -> None:
                 values = torch.linspace(0, live, b).round().to(torch.int32)
                 values = values[torch.randperm(b, generator=torch.Generator().manual_seed(1))]
             full = kind == "uniform" and live == n
-            us = _time(_plans(q, k, v, out, values.cuda(), waves, {}, full))
+            us = interleaved_us(_plans(q, k, v, out, values.cuda(), waves, {}, full))
             print(_line(f"{b},{hq},{hkv},{n},{d} live {live} {kind:8s}", us), flush=True)
     _kernels.BY_LENGTH_SPLIT_BYTES = shipped
 

@@ -11,7 +11,8 @@ import torch
 
 import flashdec
 from flashdec.backends.cuda import _kernels
-from flashdec.bench.paged import PAGED_ROWS, _time_pair, paged_copy, ragged_case, row_case
+from flashdec.bench.paged import PAGED_ROWS, paged_copy, ragged_case, row_case
+from flashdec.bench.timing import interleaved_us
 
 VARIANTS = {"shipped": (None, 1.0), "1 CTA x 6": (1, 1.0), "2/SM": (None, 2.0),
             "1 CTA x 6, 2/SM": (1, 2.0)}
@@ -51,12 +52,12 @@ def main() -> None:
                 return {"contiguous": lambda: pc.run(q, k, v, out, seqlens=seqlens),
                         "paged": lambda: pp.run(q, kp, vp, out, block_table=table,
                                                 seqlens=seqlens)}
-            _report(f"{b},{hq},{hkv},{n},{d} page {ps}", _time_pair(_plans(make), 50),
+            _report(f"{b},{hq},{hkv},{n},{d} page {ps}", interleaved_us(_plans(make)),
                     "contiguous", "paged")
             del kp, vp
         calls = _plans(lambda: {"none": lambda p=flashdec.plan(q, k, v, out, backend="cuda"):
                                 p.run(q, k, v, out)})
-        us = _time_pair(calls, 50)
+        us = interleaved_us(calls)
         print(f"{b},{hq},{hkv},{n},{d} no seqlens: " + "  ".join(
             f"{name} {us[f'{name}|none']:.1f}" for name in VARIANTS), flush=True)
     q, kp, vp, table, out, lengths, mean = ragged_case(torch)
@@ -68,7 +69,7 @@ def main() -> None:
         pu = flashdec.plan(q, kp, vp, out, block_table=table, seqlens=uniform, backend="cuda")
         return {"uniform": lambda: pu.run(q, kp, vp, out, block_table=table, seqlens=uniform),
                 "ragged": lambda: pr.run(q, kp, vp, out, block_table=table, seqlens=ragged)}
-    _report("ragged paged row", _time_pair(_plans(make), 50), "uniform", "ragged")
+    _report("ragged paged row", interleaved_us(_plans(make)), "uniform", "ragged")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,10 @@ ragged batch against a uniform batch of the same bytes; graph mode, interleaved 
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 from .peers import na_reason
-from .timing import ITERS, median_us
+from .timing import ITERS, interleaved_us
 
 # (B, H_q, H_kv, K, D, page sizes): K is every sequence's length (the capacity); bf16
 PAGED_ROWS = ((8, 32, 8, 8192, 128, (16, 32, 64, 128, 256)),
@@ -54,15 +53,6 @@ def paged_copy(torch: Any, k: Any, v: Any, page_size: int, gen: Any) -> tuple:
     return table, _pool(torch, k, table, page_size), _pool(torch, v, table, page_size)
 
 
-def _time_pair(fns: dict, iters: int) -> dict:
-    """Graph-mode median us of each call, measured in turn, twice; the mean of the two."""
-    runs: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(2):
-        for name, fn in fns.items():
-            runs[name].append(median_us(lambda i: fn(), 1, True, iters))
-    return {name: statistics.fmean(values) for name, values in runs.items()}
-
-
 def _paged_row(torch: Any, flashdec: Any, dims: tuple, page_size: int, iters: int) -> dict:
     import torch.nn.functional as F
 
@@ -91,11 +81,11 @@ def _paged_row(torch: Any, flashdec: Any, dims: tuple, page_size: int, iters: in
     row = {"dims": list(dims), "page_size": page_size, "kv_mb": 2 * k.numel() * 2 / 1e6,
            "max_abs_diff": err, "us": {}, "na": {}}
     try:
-        row["us"] = _time_pair(fns, iters)
+        row["us"] = interleaved_us(fns, iters)
     except Exception as exc:  # e.g. out of memory for the gather
         row["na"]["sdpa (gather + attention)"] = na_reason(exc)
         del fns["sdpa (gather + attention)"]
-        row["us"] = _time_pair(fns, iters)
+        row["us"] = interleaved_us(fns, iters)
     row["paged_over_contiguous"] = row["us"]["paged"] / row["us"]["contiguous"]
     return row
 
@@ -128,7 +118,7 @@ def _ragged_row(torch: Any, flashdec: Any, iters: int) -> dict:
                           backend="cuda")
         calls[name] = (lambda p=p, s=seqlens: p.run(q, k_pool, v_pool, out, block_table=table,
                                                     seqlens=s))
-    us = _time_pair(calls, iters)
+    us = interleaved_us(calls, iters)
     return {"dims": [b, hq, hkv, klen, d], "page_size": page_size, "mean_len": mean,
             "us": us, "ragged_over_uniform": us["ragged"] / us["uniform"]}
 

@@ -71,6 +71,16 @@ def median_us(fn: Callable[[int], Any], sets: int, graph: bool, iters: int = ITE
     return statistics.median(time_samples(fn, sets, graph, iters))
 
 
+def interleaved_us(fns: dict, iters: int = ITERS) -> dict:
+    """Graph-mode median us of each call of ``fns`` (name -> no-argument call), measured in
+    turn, twice (A/B comparisons on a shared, noisy host); the mean of the two."""
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(2):
+        for name, fn in fns.items():
+            runs[name].append(median_us(lambda i: fn(), 1, True, iters))
+    return {name: statistics.fmean(values) for name, values in runs.items()}
+
+
 def time_eager(fn: Callable[[int], Any], sets: int, iters: int = ITERS) -> float:
     """Median us per call in a plain Python loop (host dispatch included)."""
     return median_us(fn, sets, False, iters)
